@@ -1,0 +1,647 @@
+#include "engine.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+
+#include "crc32c.h"
+#include "file_io.h"
+#include "state.pb.h"
+
+namespace nbdsnap {
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr char kRegistryMagic[8] = {'N', 'B', 'D', 'S', 'R', 'E', 'G', '1'};
+constexpr uint32_t kRegistryVersion = 1;
+constexpr size_t kRegistryHeader = 20;  // magic, version, length, crc
+
+struct FileId {
+  dev_t dev = 0;
+  ino_t ino = 0;
+  bool block = false;
+};
+
+std::optional<FileId> identify(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return std::nullopt;
+  if (S_ISBLK(st.st_mode)) return FileId{st.st_rdev, 0, true};
+  return FileId{st.st_dev, st.st_ino, false};
+}
+
+bool same_file(const FileId& a, const FileId& b) {
+  return a.block == b.block && a.dev == b.dev && a.ino == b.ino;
+}
+
+}  // namespace
+
+Status check_name(const std::string& what, const std::string& name) {
+  if (name.empty() || name.size() > 128)
+    return Status::error(EINVAL, what + " name must have 1 to 128 characters");
+  if (name[0] == '.' || name[0] == '-')
+    return Status::error(EINVAL, what + " name \"" + name + "\" must not start with '.' or '-'");
+  for (char c : name)
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-'))
+      return Status::error(EINVAL, what + " name \"" + name + "\" may only hold letters, digits, '.', '_' and '-'");
+  return Status::ok();
+}
+
+Engine::Engine(EngineOptions options) : options_(std::move(options)) {
+  if (!options_.storage_factory) options_.storage_factory = make_file_storage;
+}
+
+Engine::~Engine() {
+  if (started_) (void)stop();
+  if (lock_fd_ >= 0) ::close(lock_fd_);
+}
+
+void Engine::note(const std::string& msg) const {
+  if (options_.log) options_.log(msg);
+}
+
+std::unique_ptr<DiffStorage> Engine::new_storage() const { return options_.storage_factory(); }
+
+std::string Engine::snapshot_dir(const Uuid& id) const {
+  return options_.state_dir.empty() ? "" : options_.state_dir + "/snapshots/" + id.str();
+}
+
+// ------------------------------------------------------------- start / stop
+
+Status Engine::start() {
+  Status st = options_.params.validate();
+  if (!st) return st;
+  if (options_.volumes.empty()) return Status::error(EINVAL, "config: no volume (volume=NAME=PATH)");
+  const std::string& dir = options_.state_dir;
+  bool unclean_reboot = false;
+  if (!dir.empty()) {
+    std::error_code ec;
+    fs::create_directories(dir + "/cbt", ec);
+    if (!ec) fs::create_directories(dir + "/snapshots", ec);
+    if (ec) return Status::error(ec.value(), "state " + dir + ": " + ec.message());
+    lock_fd_ = ::open((dir + "/lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (lock_fd_ < 0) return Status::from_errno("state " + dir + ": open lock");
+    if (::flock(lock_fd_, LOCK_EX | LOCK_NB) != 0)
+      return Status::error(EBUSY, "state " + dir + ": in use by another process");
+    auto marker = read_file(dir + "/in-use");
+    if (marker) {
+      std::string boot = *marker;
+      while (!boot.empty() && boot.back() == '\n') boot.pop_back();
+      unclean_reboot = boot != boot_id();
+      note(unclean_reboot ? "state: unclean shutdown across a reboot: snapshots will be marked corrupted"
+                          : "state: recovering after a process crash (same boot): state is kept");
+    }
+  }
+  std::vector<std::string> seen;
+  for (const auto& [name, path] : options_.volumes) {
+    st = check_name("volume", name);
+    if (!st) return st.with_context("config: volume");
+    if (std::find(seen.begin(), seen.end(), name) != seen.end())
+      return Status::error(EINVAL, "config: volume " + name + " given twice");
+    seen.push_back(name);
+    std::string cbt_path = dir.empty() ? "" : dir + "/cbt/" + name + ".map";
+    auto v = Volume::open(name, path, options_.params, cbt_path, &sequence_);
+    if (!v) return v.status();
+    if (!dir.empty() && !(*v)->cbt_reset_reason().empty())
+      note("volume " + name + ": new CBT generation " + (*v)->cbt().generation().str() + ": " +
+           (*v)->cbt_reset_reason());
+    volumes_.push_back(std::shared_ptr<Volume>(std::move(*v)));
+  }
+  for (size_t i = 0; i < volumes_.size(); ++i)
+    for (size_t j = 0; j < i; ++j)
+      if (volumes_[i]->device() == volumes_[j]->device() && volumes_[i]->inode() == volumes_[j]->inode())
+        return Status::error(EINVAL, "config: volumes " + volumes_[j]->name() + " and " +
+                                         volumes_[i]->name() + " are the same file");
+  if (!dir.empty()) {
+    st = load_registry();
+    if (!st) return st;
+    if (unclean_reboot) {
+      for (auto& [id, e] : snapshots_)
+        if (e.snapshot->corrupt("", Status::error(EIO, "unclean shutdown across a reboot: "
+                                                       "copied chunks may not have reached the disk")))
+          for (auto& [vol, part] : e.parts)
+            (void)part->log.append(LogRecord{LogType::kCorrupted, 0, EIO, 0});
+    }
+    st = write_file_atomic(dir + "/in-use", boot_id() + "\n", true);
+    if (!st) return st.with_context("state " + dir);
+    std::lock_guard lk(mu_);
+    st = save_registry(true);
+    if (!st) return st;
+  }
+  started_ = true;
+  return Status::ok();
+}
+
+Status Engine::stop() {
+  if (!started_) return Status::ok();
+  started_ = false;
+  std::lock_guard lk(mu_);
+  Status first;
+  auto keep = [&](Status s) {
+    if (first && !s) first = s;
+  };
+  for (auto& [id, e] : snapshots_) {
+    keep(e.snapshot->storage().flush());
+    for (auto& [vol, part] : e.parts) keep(part->log.sync());
+    e.snapshot->events().close();
+  }
+  for (auto& v : volumes_) {
+    keep(v->flush());
+    keep(v->cbt().close());
+  }
+  if (!options_.state_dir.empty()) {
+    keep(save_registry(true));
+    // Clean only if everything above made it to disk.
+    if (first && ::unlink((options_.state_dir + "/in-use").c_str()) != 0)
+      keep(Status::from_errno("state: remove in-use marker"));
+  }
+  return first;
+}
+
+// ---------------------------------------------------------------- registry
+
+Status Engine::save_registry(bool durable) {
+  if (options_.state_dir.empty()) return Status::ok();
+  state::Registry reg;
+  reg.set_sequence(sequence_.load());
+  reg.set_next_take_order(next_take_order_);
+  for (const auto& [id, e] : snapshots_) {
+    const Snapshot& s = *e.snapshot;
+    auto* r = reg.add_snapshots();
+    r->set_id(s.id().raw());
+    r->set_name(s.name());
+    for (const auto& v : s.volumes()) r->add_volumes(v);
+    r->set_state(static_cast<uint32_t>(s.state()));
+    r->set_sequence(s.sequence());
+    Status err = s.error();
+    r->set_error_code(err.code());
+    r->set_error(err.message());
+    for (const auto& range : s.storage().ranges()) {
+      auto* sr = r->add_storage();
+      sr->set_path(range.path);
+      sr->set_offset(range.offset);
+      sr->set_length(range.length);
+    }
+    r->set_storage_limit(s.storage_limit());
+    r->set_destroyed(s.destroyed.load());
+    r->set_take_order(s.take_order());
+  }
+  std::string payload;
+  if (!reg.SerializeToString(&payload)) return Status::error(EIO, "save registry: serialize");
+  std::string data(kRegistryHeader, '\0');
+  std::memcpy(data.data(), kRegistryMagic, 8);
+  uint32_t version = kRegistryVersion, length = static_cast<uint32_t>(payload.size());
+  uint32_t crc = crc32c(payload.data(), payload.size());
+  std::memcpy(data.data() + 8, &version, 4);
+  std::memcpy(data.data() + 12, &length, 4);
+  std::memcpy(data.data() + 16, &crc, 4);
+  data += payload;
+  return write_file_atomic(options_.state_dir + "/registry", data, durable).with_context("save registry");
+}
+
+Status Engine::load_registry() {
+  const std::string path = options_.state_dir + "/registry";
+  auto data = read_file(path);
+  if (!data) {
+    if (data.status().code() != ENOENT) return data.status();
+    // No registry: the sequence is unknown, so no older stamp can be trusted.
+    for (auto& v : volumes_) {
+      if (!v->cbt_reset_reason().empty()) continue;
+      v->cbt().reset();
+      note("volume " + v->name() + ": new CBT generation " + v->cbt().generation().str() +
+           ": registry missing");
+    }
+    return Status::ok();
+  }
+  const std::string& d = *data;
+  uint32_t version = 0, length = 0, crc = 0;
+  if (d.size() >= kRegistryHeader) {
+    std::memcpy(&version, d.data() + 8, 4);
+    std::memcpy(&length, d.data() + 12, 4);
+    std::memcpy(&crc, d.data() + 16, 4);
+  }
+  if (d.size() < kRegistryHeader || std::memcmp(d.data(), kRegistryMagic, 8) != 0)
+    return Status::error(EBADMSG, "load registry " + path + ": not an nbdsnap registry");
+  if (version != kRegistryVersion)
+    return Status::error(EBADMSG, "load registry " + path + ": format version " + std::to_string(version) +
+                                      " is not supported (this build reads version 1)");
+  if (d.size() - kRegistryHeader != length || crc32c(d.data() + kRegistryHeader, length) != crc)
+    return Status::error(EBADMSG, "load registry " + path + ": checksum mismatch (damaged file)");
+  state::Registry reg;
+  if (!reg.ParseFromArray(d.data() + kRegistryHeader, static_cast<int>(length)))
+    return Status::error(EBADMSG, "load registry " + path + ": cannot parse");
+  sequence_ = static_cast<uint32_t>(std::max<uint64_t>(1, reg.sequence()));
+  next_take_order_ = std::max<uint64_t>(1, reg.next_take_order());
+
+  std::map<std::string, std::vector<std::shared_ptr<SnapshotPart>>> chains;
+  for (const auto& r : reg.snapshots()) {
+    auto id = Uuid::from_bytes(r.id());
+    if (!id) return Status::error(EBADMSG, "load registry: bad snapshot id");
+    std::vector<std::string> vols(r.volumes().begin(), r.volumes().end());
+    auto snap = std::make_shared<Snapshot>(*id, r.name(), vols, new_storage(), r.storage_limit(),
+                                           options_.params);
+    std::string ctx = "snapshot " + id->str();
+    Status problem;
+    for (const auto& sr : r.storage()) {
+      Status st = snap->storage().append(StorageRange{sr.path(), sr.offset(), sr.length()});
+      if (!st && problem) problem = st.with_context("difference storage unavailable");
+    }
+    auto state = static_cast<SnapshotState>(r.state());
+    Status err = r.error_code() ? Status::error(r.error_code(), r.error()) : Status::ok();
+    snap->restore(state, r.sequence(), r.take_order(), err);
+    snap->destroyed = r.destroyed();
+    Entry entry{snap, {}};
+    if (r.take_order() != 0) {
+      uint64_t end_unit = 0, used = 0, copied = 0;
+      for (const auto& vname : vols) {
+        auto v = volume(vname);
+        if (!v) {
+          if (problem) problem = Status::error(ENOENT, "volume " + vname + " is no longer configured");
+          continue;
+        }
+        auto part = std::make_shared<SnapshotPart>(snap, vname);
+        part->hidden = r.destroyed();
+        Status st = part->log.replay(snapshot_dir(*id) + "/" + vname + ".log", [&](const LogRecord& rec) {
+          switch (rec.type) {
+            case LogType::kChunk:
+              part->chunks.insert(rec.key, rec.value);
+              ++copied;
+              if (rec.value != kZeroSlot) {
+                end_unit = std::max<uint64_t>(end_unit, rec.value + (rec.length + kStorageUnit - 1) / kStorageUnit);
+                used += rec.length;
+              }
+              break;
+            case LogType::kCbtStamp:
+              part->saved_stamps.insert(rec.key, rec.value);
+              break;
+            case LogType::kCorrupted:
+              snap->corrupt(vname, Status::from_errno("copy-before-write (recorded before restart)",
+                                                      static_cast<int>(rec.value)));
+              break;
+          }
+        });
+        if (!st && problem) problem = st;
+        entry.parts[vname] = part;
+        chains[vname].push_back(part);
+      }
+      snap->storage().restore_allocation(end_unit, used);
+      snap->chunks_copied = copied;
+    }
+    if (!problem) {
+      snap->corrupt("", problem.with_context("restart"));
+      note(ctx + ": corrupted at restart: " + problem.message());
+    }
+    snapshots_.emplace(*id, std::move(entry));
+  }
+  for (auto& v : volumes_) {
+    auto& chain = chains[v->name()];
+    std::sort(chain.begin(), chain.end(), [](const auto& a, const auto& b) {
+      return a->snapshot->take_order() < b->snapshot->take_order();
+    });
+    v->restore_chain(chain);
+  }
+  return Status::ok();
+}
+
+// ----------------------------------------------------------------- exports
+
+std::vector<std::shared_ptr<Volume>> Engine::volumes() const { return volumes_; }
+
+std::shared_ptr<Volume> Engine::volume(const std::string& name) const {
+  for (const auto& v : volumes_)
+    if (v->name() == name) return v;
+  return nullptr;
+}
+
+Result<ExportRef> Engine::open_export(const std::string& name) const {
+  auto at = name.find('@');
+  if (at == std::string::npos) {
+    auto v = volume(name);
+    if (!v) return Status::error(ENOENT, "open: no export named \"" + name + "\"");
+    return ExportRef{v, nullptr};
+  }
+  std::string vname = name.substr(0, at), label = name.substr(at + 1);
+  auto v = volume(vname);
+  std::lock_guard lk(mu_);
+  for (const auto& [id, e] : snapshots_) {
+    const Snapshot& s = *e.snapshot;
+    if (s.destroyed || (s.name() != label && s.id().str() != label)) continue;
+    auto it = e.parts.find(vname);
+    if (v && it != e.parts.end()) return ExportRef{v, it->second};
+  }
+  return Status::error(ENOENT, "open: no export named \"" + name + "\"");
+}
+
+std::vector<std::string> Engine::export_names() const {
+  std::vector<std::string> out;
+  for (const auto& v : volumes_) out.push_back(v->name());
+  std::lock_guard lk(mu_);
+  std::vector<const Entry*> taken;
+  for (const auto& [id, e] : snapshots_)
+    if (!e.snapshot->destroyed && !e.parts.empty()) taken.push_back(&e);
+  std::sort(taken.begin(), taken.end(), [](const Entry* a, const Entry* b) {
+    return a->snapshot->take_order() < b->snapshot->take_order();
+  });
+  for (const Entry* e : taken)
+    for (const auto& [vol, part] : e->parts) out.push_back(vol + "@" + e->snapshot->label());
+  return out;
+}
+
+// --------------------------------------------------------------- snapshots
+
+Result<std::shared_ptr<Snapshot>> Engine::find(const std::string& id, const char* op) const {
+  auto uuid = Uuid::parse(id);
+  for (const auto& [key, e] : snapshots_) {
+    if (e.snapshot->destroyed) continue;
+    if ((uuid && key == *uuid) || (!e.snapshot->name().empty() && e.snapshot->name() == id))
+      return e.snapshot;
+  }
+  return Status::error(ENOENT, std::string(op) + ": no such snapshot \"" + id + "\"");
+}
+
+SnapshotInfo Engine::describe(const Snapshot& s) const {
+  SnapshotInfo i;
+  i.id = s.id();
+  i.name = s.name();
+  i.state = s.state();
+  i.sequence = s.sequence();
+  i.volumes = s.volumes();
+  if (s.take_order() != 0)
+    for (const auto& v : s.volumes()) i.exports.push_back(v + "@" + s.label());
+  i.error = s.error();
+  i.storage = s.storage().usage();
+  i.storage_limit = s.storage_limit();
+  i.chunks_copied = s.chunks_copied.load();
+  return i;
+}
+
+Result<Uuid> Engine::create_snapshot(const std::vector<std::string>& vols, const std::string& name,
+                                     uint64_t storage_limit) {
+  if (vols.empty()) return Status::error(EINVAL, "create: no volume given");
+  std::vector<std::string> sorted = vols;
+  std::sort(sorted.begin(), sorted.end());
+  if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end())
+    return Status::error(EINVAL, "create: a volume is given twice");
+  for (const auto& v : sorted)
+    if (!volume(v)) return Status::error(ENOENT, "create: no such volume \"" + v + "\"");
+  if (!name.empty()) {
+    Status st = check_name("snapshot", name);
+    if (!st) return st.with_context("create");
+    if (Uuid::parse(name)) return Status::error(EINVAL, "create: a snapshot name must not look like a UUID");
+  }
+  std::lock_guard lk(mu_);
+  if (!name.empty() && find(name, "create"))
+    return Status::error(EEXIST, "create: snapshot name \"" + name + "\" is in use");
+  Uuid id = Uuid::random();
+  if (!options_.state_dir.empty()) {
+    std::error_code ec;
+    fs::create_directories(snapshot_dir(id), ec);
+    if (ec) return Status::error(ec.value(), "create: " + snapshot_dir(id) + ": " + ec.message());
+  }
+  auto snap = std::make_shared<Snapshot>(id, name, sorted, new_storage(), storage_limit, options_.params);
+  snapshots_.emplace(id, Entry{snap, {}});
+  Status st = save_registry(true);
+  if (!st) {
+    snapshots_.erase(id);
+    return st.with_context("create");
+  }
+  return id;
+}
+
+Status Engine::check_storage_range(const StorageRange& r, const Snapshot& s) const {
+  std::string ctx = "append-storage " + r.path + " " + std::to_string(r.offset) + ":" + std::to_string(r.length);
+  auto me = identify(r.path);
+  if (!me) return Status::from_errno(ctx + ": stat");
+  for (const auto& v : volumes_) {
+    auto o = identify(v->path());
+    if (o && same_file(*o, *me))
+      return Status::error(EINVAL, ctx + ": this is the origin of volume " + v->name());
+  }
+  for (const auto& [id, e] : snapshots_) {
+    for (const auto& used : e.snapshot->storage().ranges()) {
+      auto o = identify(used.path);
+      if (!o || !same_file(*o, *me)) continue;
+      if (r.offset < used.offset + used.length && used.offset < r.offset + r.length)
+        return Status::error(EBUSY, ctx + ": overlaps " + std::to_string(used.offset) + ":" +
+                                        std::to_string(used.length) + " in use by snapshot " +
+                                        (e.snapshot.get() == &s ? "itself" : e.snapshot->label()));
+    }
+  }
+  return Status::ok();
+}
+
+Status Engine::append_storage(const std::string& id, const std::vector<StorageRange>& ranges) {
+  if (ranges.empty()) return Status::error(EINVAL, "append-storage: no range given");
+  std::lock_guard lk(mu_);
+  auto s = find(id, "append-storage");
+  if (!s) return s.status();
+  Snapshot& snap = **s;
+  if (snap.state() == SnapshotState::kCorrupted)
+    return Status::error(EINVAL, "append-storage: snapshot " + snap.label() + " is corrupted");
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    const auto& r = ranges[i];
+    for (size_t j = 0; j < i; ++j)
+      if (ranges[j].path == r.path && r.offset < ranges[j].offset + ranges[j].length &&
+          ranges[j].offset < r.offset + r.length)
+        return Status::error(EBUSY, "append-storage: ranges " + std::to_string(i) + " and " +
+                                        std::to_string(j) + " overlap");
+  }
+  for (const auto& r : ranges) {
+    Status st = check_storage_range(r, snap);
+    if (!st) return st;
+    st = snap.storage().append(r);
+    if (!st) return st;
+  }
+  snap.storage_appended();
+  return save_registry(true).with_context("append-storage");
+}
+
+Result<TakeResult> Engine::take(const std::string& id) {
+  std::lock_guard lk(mu_);
+  auto s = find(id, "take");
+  if (!s) return s.status();
+  auto snap = *s;
+  std::string ctx = "take: snapshot " + snap->label();
+  if (snap->state() == SnapshotState::kTaken) return Status::error(EALREADY, ctx + ": already taken");
+  if (snap->state() == SnapshotState::kCorrupted)
+    return Status::error(EIO, ctx + ": corrupted: " + snap->error().message());
+  if (snap->storage().usage().capacity == 0)
+    return Status::error(ENOSPC, ctx + ": no difference storage (append-storage first)");
+  if (sequence_.load() >= 0xfffffff0u) return Status::error(EOVERFLOW, ctx + ": sequence numbers exhausted");
+
+  std::vector<std::pair<std::shared_ptr<Volume>, std::shared_ptr<SnapshotPart>>> parts;
+  for (const auto& vname : snap->volumes()) {  // sorted by name at create
+    auto v = volume(vname);
+    auto part = std::make_shared<SnapshotPart>(snap, vname);
+    std::string log_path = options_.state_dir.empty() ? "" : snapshot_dir(snap->id()) + "/" + vname + ".log";
+    Status st = part->log.create(log_path);
+    if (!st) return st.with_context(ctx);
+    parts.emplace_back(v, part);
+  }
+
+  for (auto& [v, part] : parts) v->gate().close();
+  auto t0 = std::chrono::steady_clock::now();
+  uint32_t closed = sequence_.load();
+  sequence_.store(closed + 1, std::memory_order_release);
+  snap->set_taken(closed, next_take_order_++);
+  Entry& entry = snapshots_.at(snap->id());
+  for (auto& [v, part] : parts) {
+    v->push_part(part);
+    entry.parts[v->name()] = part;
+  }
+  // Written before writes resume: after a kill -9 the registry knows the take
+  // (fsync follows outside the pause; a lost fsync needs a reboot, and an
+  // unclean reboot distrusts every snapshot anyway).
+  Status saved = save_registry(false);
+  for (auto& [v, part] : parts) v->gate().open();
+  auto pause = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0);
+  if (saved) saved = save_registry(true);
+  if (!saved) {
+    snap->corrupt("", saved.with_context("take: state not saved"));
+    return saved.with_context(ctx);
+  }
+  snap->check_free_space();
+  return TakeResult{closed, static_cast<uint64_t>(pause.count())};
+}
+
+Result<SnapshotInfo> Engine::info(const std::string& id) const {
+  std::lock_guard lk(mu_);
+  auto s = find(id, "info");
+  if (!s) return s.status();
+  return describe(**s);
+}
+
+std::vector<SnapshotInfo> Engine::collect() const {
+  std::lock_guard lk(mu_);
+  std::vector<SnapshotInfo> out;
+  for (const auto& [id, e] : snapshots_)
+    if (!e.snapshot->destroyed) out.push_back(describe(*e.snapshot));
+  return out;
+}
+
+Result<std::optional<Event>> Engine::wait_event(const std::string& id, uint32_t timeout_ms) {
+  std::shared_ptr<Snapshot> snap;
+  {
+    std::lock_guard lk(mu_);
+    auto s = find(id, "wait-event");
+    if (!s) return s.status();
+    snap = *s;
+  }
+  auto e = snap->events().wait(timeout_ms);
+  if (!e && snap->destroyed)
+    return Status::error(ENOENT, "wait-event: snapshot " + snap->label() + " was destroyed");
+  return e;
+}
+
+void Engine::forget_dropped(const Chain& dropped) {
+  for (const auto& part : dropped) {
+    auto it = snapshots_.find(part->snapshot->id());
+    if (it == snapshots_.end()) continue;
+    it->second.parts.erase(part->volume);
+    if (it->second.parts.empty() && it->second.snapshot->destroyed) {
+      if (!options_.state_dir.empty()) {
+        std::error_code ec;
+        fs::remove_all(snapshot_dir(it->first), ec);
+      }
+      snapshots_.erase(it);
+    }
+  }
+}
+
+Status Engine::destroy(const std::string& id) {
+  std::lock_guard lk(mu_);
+  auto s = find(id, "destroy");
+  if (!s) return s.status();
+  auto snap = *s;
+  snap->destroyed = true;
+  snap->events().close();
+  Entry& entry = snapshots_.at(snap->id());
+  if (entry.parts.empty()) {  // never taken
+    if (!options_.state_dir.empty()) {
+      std::error_code ec;
+      fs::remove_all(snapshot_dir(snap->id()), ec);
+    }
+    snapshots_.erase(snap->id());
+  } else {
+    auto parts = entry.parts;  // forget_dropped may erase the entry
+    for (auto& [vname, part] : parts) {
+      auto v = volume(vname);
+      v->gate().close();
+      Chain dropped = v->hide_part(part.get());
+      v->gate().open();
+      forget_dropped(dropped);
+    }
+  }
+  return save_registry(true).with_context("destroy");
+}
+
+// ----------------------------------------------------------- change tracking
+
+Result<CbtInfo> Engine::cbt_info(const std::string& name) const {
+  auto v = volume(name);
+  if (!v) return Status::error(ENOENT, "cbt info: no such volume \"" + name + "\"");
+  const Geometry& g = v->geometry();
+  return CbtInfo{v->cbt().generation(), sequence_.load(), g.cbt_block_size(), g.cbt_block_count(), g.size()};
+}
+
+Result<std::vector<uint32_t>> Engine::cbt_map(const std::string& name, const std::string& snapshot,
+                                              uint64_t first, uint64_t count) {
+  auto v = volume(name);
+  if (!v) return Status::error(ENOENT, "cbt map: no such volume \"" + name + "\"");
+  std::shared_ptr<SnapshotPart> part;
+  if (!snapshot.empty()) {
+    auto ref = open_export(name + "@" + snapshot);
+    if (!ref) {
+      std::lock_guard lk(mu_);
+      auto s = find(snapshot, "cbt map");
+      if (!s) return s.status();
+      return Status::error(EINVAL, "cbt map: snapshot " + snapshot + " is not taken or does not cover " + name);
+    }
+    part = ref->part;
+  }
+  return v->cbt_stamps(part.get(), first, count);
+}
+
+Result<CbtChanges> Engine::cbt_changes(const std::string& name, const std::string& generation,
+                                       uint64_t since, const std::string& snapshot) {
+  auto v = volume(name);
+  if (!v) return Status::error(ENOENT, "cbt changes: no such volume \"" + name + "\"");
+  auto gen = Uuid::parse(generation);
+  if (!gen) return Status::error(EINVAL, "cbt changes: \"" + generation + "\" is not a generation UUID");
+  if (*gen != v->cbt().generation())
+    return Status::error(ESTALE, "cbt changes: generation " + generation + " is not the current one (" +
+                                     v->cbt().generation().str() + "): history was reset, take a full backup");
+  std::shared_ptr<SnapshotPart> part;
+  if (!snapshot.empty()) {
+    auto ref = open_export(name + "@" + snapshot);
+    if (!ref) return Status::error(ENOENT, "cbt changes: no taken snapshot \"" + snapshot + "\" of " + name);
+    part = ref->part;
+  }
+  auto ranges = v->cbt_changes(part.get(), since);
+  if (!ranges) return ranges.status();
+  CbtChanges out{v->cbt().generation(), part ? part->snapshot->sequence() : sequence_.load(), std::move(*ranges), 0};
+  for (const auto& r : out.ranges) out.changed_bytes += r.length;
+  return out;
+}
+
+Status Engine::mark_dirty(const std::string& name, const std::vector<ByteRange>& ranges) {
+  auto v = volume(name);
+  if (!v) return Status::error(ENOENT, "mark-dirty: no such volume \"" + name + "\"");
+  for (const auto& r : ranges)
+    if (!v->geometry().contains(r.offset, r.length))
+      return Status::error(EINVAL, "mark-dirty: range " + std::to_string(r.offset) + ":" +
+                                       std::to_string(r.length) + " beyond the end of " + name);
+  for (const auto& r : ranges) {
+    Status st = v->mark_dirty(r.offset, r.length);
+    if (!st) return st;
+  }
+  return Status::ok();
+}
+
+}  // namespace nbdsnap

@@ -1,0 +1,26 @@
+// Small helpers for whole-buffer positional I/O on file descriptors, with
+// retries on EINTR and short transfers, and errors as Status naming `op`.
+// Stateless; thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "status.h"
+
+namespace nbdsnap {
+
+Status pread_all(int fd, void* buf, uint64_t length, uint64_t offset, const char* op);
+Status pwrite_all(int fd, const void* buf, uint64_t length, uint64_t offset, const char* op);
+// Size of a regular file or block device.
+Result<uint64_t> file_size(int fd);
+// True if the whole buffer is zero.
+bool is_zero(const void* buf, uint64_t length);
+// Writes `data` to `path` atomically: temp file, fsync, rename, fsync dir.
+// With durable=false the fsyncs are skipped (survives a process crash only).
+Status write_file_atomic(const std::string& path, const std::string& data, bool durable);
+Result<std::string> read_file(const std::string& path);
+// This boot's id (/proc/sys/kernel/random/boot_id), or "" if unknown.
+std::string boot_id();
+
+}  // namespace nbdsnap

@@ -1,0 +1,38 @@
+// Params: the tunables of the engine, named and defaulted as blksnap's module
+// parameters (DESIGN section 7). A plain value; validate() before use.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "status.h"
+
+namespace nbdsnap {
+
+struct Params {
+  // Smallest CBT block: 2^shift bytes.
+  uint32_t tracking_block_minimum_shift = 16;
+  // CBT block doubles until the block count fits this number...
+  uint64_t tracking_block_maximum_count = 2097152;
+  // ...or the block reaches 2^shift bytes.
+  uint32_t tracking_block_maximum_shift = 26;
+  // Same three for the copy-before-write chunk.
+  uint32_t chunk_minimum_shift = 18;
+  uint64_t chunk_maximum_count = 2097152;
+  uint32_t chunk_maximum_shift = 26;
+  // Chunk copies in flight at once; further first writes wait.
+  uint32_t chunk_maximum_in_queue = 16;
+  // Chunk buffers kept for reuse after a copy.
+  uint32_t free_diff_buffer_pool_size = 128;
+  // Growth step and low-space threshold (x2), in 512-byte sectors.
+  uint64_t diff_storage_minimum = 2097152;
+
+  uint64_t diff_storage_minimum_bytes() const { return diff_storage_minimum * 512; }
+
+  // Sets a parameter from its key and decimal text. EINVAL names the key.
+  Status set(const std::string& key, const std::string& value);
+  static bool is_key(const std::string& key);
+  Status validate() const;
+};
+
+}  // namespace nbdsnap

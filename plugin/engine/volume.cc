@@ -1,0 +1,461 @@
+#include "volume.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "file_io.h"
+
+namespace nbdsnap {
+
+Result<std::unique_ptr<Volume>> Volume::open(const std::string& name, const std::string& path,
+                                             const Params& params, const std::string& cbt_path,
+                                             const std::atomic<uint32_t>* sequence) {
+  std::string ctx = "volume " + name;
+  int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) return Status::from_errno(ctx + ": open " + path);
+  auto size = file_size(fd);
+  if (!size) {
+    ::close(fd);
+    return size.status().with_context(ctx + ": " + path);
+  }
+  if (*size == 0) {
+    ::close(fd);
+    return Status::error(EINVAL, ctx + ": " + path + " is empty");
+  }
+  Geometry g(*size, params);
+  if (g.chunk_count() >= kZeroSlot || g.cbt_block_count() >= 0xffffffffu) {
+    ::close(fd);
+    return Status::error(EFBIG, ctx + ": too large for the chunk and CBT parameters");
+  }
+  std::unique_ptr<Volume> v(new Volume(name, path, fd, g, params, sequence));
+  struct stat st;
+  if (::fstat(fd, &st) == 0) {
+    v->block_device_ = S_ISBLK(st.st_mode);
+    v->dev_ = v->block_device_ ? st.st_rdev : st.st_dev;
+    v->ino_ = v->block_device_ ? 0 : st.st_ino;
+  }
+  Status cs = v->cbt_.open(cbt_path, g, &v->cbt_reset_reason_);
+  if (!cs) return cs.with_context(ctx);
+  return v;
+}
+
+Volume::Volume(std::string name, std::string path, int fd, const Geometry& g, const Params& p,
+               const std::atomic<uint32_t>* sequence)
+    : name_(std::move(name)),
+      path_(std::move(path)),
+      fd_(fd),
+      geometry_(g),
+      sequence_(sequence),
+      pool_(g.chunk_size(), p.free_diff_buffer_pool_size),
+      copies_in_flight_(p.chunk_maximum_in_queue),
+      chain_(std::make_shared<Chain>()) {}
+
+Volume::~Volume() {
+  (void)cbt_.close();
+  ::close(fd_);
+}
+
+// ---------------------------------------------------------------- origin I/O
+
+Status Volume::read(void* buf, uint64_t length, uint64_t offset) {
+  if (!geometry_.contains(offset, length)) return Status::error(EINVAL, "read: beyond the end of the volume");
+  return pread_all(fd_, buf, length, offset, "read origin");
+}
+
+template <typename Apply>
+Status Volume::modify(uint64_t offset, uint64_t length, const char* op, Apply&& apply) {
+  if (!geometry_.contains(offset, length))
+    return Status::error(EINVAL, std::string(op) + ": beyond the end of the volume");
+  GateGuard guard(gate_);
+  const Chain* chain = chain_.get();  // stable while we are inside the gate
+  Status log_error;
+  stamp(offset, length, sequence_->load(std::memory_order_acquire), chain, &log_error);
+  if (!chain->empty()) {
+    Status st;
+    geometry_.for_each_chunk_piece(offset, length, [&](const Piece& p) {
+      st = preserve(ChunkIndex(static_cast<uint32_t>(p.unit)), *chain);
+      return st.is_ok();
+    });
+    if (!st) return st.with_context(op);
+  }
+  return apply();
+}
+
+Status Volume::write(const void* buf, uint64_t length, uint64_t offset, bool fua) {
+  return modify(offset, length, "write", [&]() -> Status {
+    Status st = pwrite_all(fd_, buf, length, offset, "write origin");
+    if (st && fua && ::fdatasync(fd_) != 0) return Status::from_errno("write origin: fdatasync");
+    return st;
+  });
+}
+
+Status Volume::trim(uint64_t length, uint64_t offset, bool fua) {
+  return modify(offset, length, "trim", [&]() -> Status {
+    int r;
+    if (block_device_) {
+      uint64_t range[2] = {offset, length};
+      r = ::ioctl(fd_, BLKDISCARD, range);
+    } else {
+      r = ::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                      static_cast<off_t>(length));
+    }
+    // Trim is advisory: a device or file system without it keeps the data.
+    if (r != 0 && errno != EOPNOTSUPP && errno != ENOTTY) return Status::from_errno("trim origin");
+    if (fua && ::fdatasync(fd_) != 0) return Status::from_errno("trim origin: fdatasync");
+    return Status::ok();
+  });
+}
+
+Status Volume::zero(uint64_t length, uint64_t offset, bool may_trim, bool fua) {
+  return modify(offset, length, "zero", [&]() -> Status {
+    int r = -1;
+    if (block_device_) {
+      uint64_t range[2] = {offset, length};
+      r = ::ioctl(fd_, BLKZEROOUT, range);
+    } else {
+      int mode = may_trim ? (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) : FALLOC_FL_ZERO_RANGE;
+      r = ::fallocate(fd_, mode, static_cast<off_t>(offset), static_cast<off_t>(length));
+    }
+    if (r != 0) {  // no fast path: write zeros
+      static const std::vector<char> zeros(1 << 20, 0);
+      for (uint64_t done = 0; done < length;) {
+        uint64_t n = std::min<uint64_t>(zeros.size(), length - done);
+        Status st = pwrite_all(fd_, zeros.data(), n, offset + done, "zero origin");
+        if (!st) return st;
+        done += n;
+      }
+    }
+    if (fua && ::fdatasync(fd_) != 0) return Status::from_errno("zero origin: fdatasync");
+    return Status::ok();
+  });
+}
+
+Status Volume::flush() {
+  if (::fdatasync(fd_) != 0) return Status::from_errno("flush origin");
+  return Status::ok();
+}
+
+Status Volume::origin_extents(uint64_t length, uint64_t offset, std::vector<Extent>* out) {
+  uint64_t end = offset + length;
+  if (block_device_) {
+    out->push_back(Extent{offset, length, false});
+    return Status::ok();
+  }
+  uint64_t pos = offset;
+  while (pos < end) {
+    off_t data = ::lseek(fd_, static_cast<off_t>(pos), SEEK_DATA);
+    if (data < 0 && errno == ENXIO) data = static_cast<off_t>(end);  // hole to EOF
+    if (data < 0) {  // no SEEK_DATA: report data
+      out->push_back(Extent{pos, end - pos, false});
+      return Status::ok();
+    }
+    uint64_t d = std::min<uint64_t>(static_cast<uint64_t>(data), end);
+    if (d > pos) out->push_back(Extent{pos, d - pos, true});
+    if (d >= end) break;
+    off_t hole = ::lseek(fd_, data, SEEK_HOLE);
+    uint64_t h = hole < 0 ? end : std::min<uint64_t>(static_cast<uint64_t>(hole), end);
+    out->push_back(Extent{d, h - d, false});
+    pos = h;
+  }
+  return Status::ok();
+}
+
+Status Volume::extents(uint64_t length, uint64_t offset, std::vector<Extent>* out) {
+  if (!geometry_.contains(offset, length)) return Status::error(EINVAL, "extents: beyond the end");
+  return origin_extents(length, offset, out);
+}
+
+// ---------------------------------------------------------- copy-before-write
+
+void Volume::stamp(uint64_t offset, uint64_t length, uint32_t seq, const Chain* chain, Status* log_error) {
+  // The CBT target is the newest part that is not hidden: it keeps the old
+  // stamp of every block changed after its take (for its frozen view).
+  SnapshotPart* target = nullptr;
+  size_t target_pos = 0;
+  for (size_t i = chain->size(); i-- > 0;) {
+    if (!(*chain)[i]->hidden.load(std::memory_order_relaxed)) {
+      target = (*chain)[i].get();
+      target_pos = i;
+      break;
+    }
+  }
+  uint64_t first = offset >> geometry_.cbt_shift();
+  uint64_t last = length == 0 ? first : (offset + length - 1) >> geometry_.cbt_shift();
+  for (uint64_t b = first; b <= last && b < cbt_.block_count(); ++b) {
+    CbtBlockIndex block{static_cast<uint32_t>(b)};
+    uint32_t old = cbt_.load(block);
+    if (old == seq) continue;
+    if (target) {
+      bool kept = target->saved_stamps.find(to_u32(block)).has_value();
+      for (size_t i = target_pos + 1; !kept && i < chain->size(); ++i)
+        kept = (*chain)[i]->saved_stamps.find(to_u32(block)).has_value();
+      if (!kept && target->saved_stamps.insert(to_u32(block), old)) {
+        Status st = target->log.append(LogRecord{LogType::kCbtStamp, to_u32(block), old, 0});
+        if (!st) {
+          // The frozen view could not be persisted: never silently wrong.
+          target->snapshot->corrupt(name_, st.with_context("persist CBT stamp"));
+          *log_error = st;
+        }
+      }
+    }
+    cbt_.exchange(block, seq);
+  }
+}
+
+Volume::Hit Volume::resolve(const Chain& chain, size_t from, ChunkIndex c) {
+  for (size_t i = from; i < chain.size(); ++i) {
+    auto slot = chain[i]->chunks.find(to_u32(c));
+    if (slot) return Hit{chain[i].get(), *slot};
+  }
+  return Hit{};
+}
+
+Status Volume::preserve(ChunkIndex c, const Chain& chain) {
+  for (;;) {
+    // Copy target: the newest part that is live and healthy.
+    size_t t = chain.size();
+    while (t > 0 && (chain[t - 1]->hidden.load(std::memory_order_relaxed) ||
+                     !chain[t - 1]->snapshot->healthy()))
+      --t;
+    if (t == 0) return Status::ok();
+    SnapshotPart& target = *chain[t - 1];
+    // Preserved for the target if it or a newer part holds the chunk.
+    if (resolve(chain, t - 1, c).part) return Status::ok();
+
+    copies_in_flight_.acquire();
+    struct Release {
+      std::counting_semaphore<1 << 20>& s;
+      ~Release() { s.release(); }
+    } release{copies_in_flight_};
+    ExclusiveChunkLock lock(locks_, c);
+    if (!target.snapshot->healthy()) continue;
+    if (resolve(chain, t - 1, c).part) return Status::ok();
+
+    uint64_t len = geometry_.chunk_length(c);
+    BufferPool::Buffer buf = pool_.get();
+    Status st = pread_all(fd_, buf.get(), len, geometry_.chunk_offset(c), "copy-before-write: read origin");
+    if (!st) {
+      pool_.put(std::move(buf));
+      return st;  // the origin itself fails: the write fails too
+    }
+    Snapshot& snap = *target.snapshot;
+    SlotAddress slot = kZeroSlot;
+    if (!is_zero(buf.get(), len)) {
+      auto a = snap.storage().allocate(len);
+      if (a) {
+        slot = *a;
+        snap.check_free_space();
+        st = snap.storage().write(slot, buf.get(), len);
+      } else {
+        st = a.status();
+      }
+    }
+    pool_.put(std::move(buf));
+    if (st) st = target.log.append(LogRecord{LogType::kChunk, to_u32(c), slot, static_cast<uint32_t>(len)});
+    if (!st) {
+      // The origin never fails because of a snapshot: this one becomes
+      // corrupted and the write goes on (to an older snapshot if any).
+      if (snap.corrupt(name_, st.with_context("copy-before-write chunk " + std::to_string(to_u32(c)))))
+        (void)target.log.append(LogRecord{LogType::kCorrupted, 0, static_cast<uint32_t>(st.code()), 0});
+      continue;
+    }
+    target.chunks.insert(to_u32(c), slot);
+    snap.chunks_copied.fetch_add(1, std::memory_order_relaxed);
+    return Status::ok();
+  }
+}
+
+// ------------------------------------------------------------ snapshot reads
+
+std::shared_ptr<const Chain> Volume::chain() const {
+  std::lock_guard lk(chain_mu_);
+  return chain_;
+}
+
+size_t Volume::position(const Chain& chain, const SnapshotPart* part) {
+  for (size_t i = 0; i < chain.size(); ++i)
+    if (chain[i].get() == part) return i;
+  return chain.size();
+}
+
+Status Volume::readable(const SnapshotPart& part) const {
+  const Snapshot& s = *part.snapshot;
+  if (s.destroyed.load()) return Status::error(EIO, "snapshot " + s.label() + " was destroyed");
+  if (!s.healthy())
+    return Status::error(EIO, "snapshot " + s.label() + " is corrupted: " + s.error().message());
+  return Status::ok();
+}
+
+Status Volume::read_piece(const SnapshotPart& part, const Piece& p, char* buf) {
+  ChunkIndex c{static_cast<uint32_t>(p.unit)};
+  auto read_hit = [&](const Hit& h) -> Status {
+    if (h.slot == kZeroSlot) {
+      std::memset(buf, 0, p.length);
+      return Status::ok();
+    }
+    return h.part->snapshot->storage().read(h.slot, p.unit_offset, buf, p.length);
+  };
+  std::shared_ptr<const Chain> chain = this->chain();
+  size_t pos = position(*chain, &part);
+  if (pos == chain->size()) return Status::error(EIO, "snapshot " + part.snapshot->label() + " was destroyed");
+  Hit h = resolve(*chain, pos, c);
+  if (h.part) return read_hit(h);
+  // Not copied: read the origin while no copy-before-write of this chunk can
+  // run, re-resolving with the current chain (a take may have added a part).
+  SharedChunkLock lock(locks_, c);
+  chain = this->chain();
+  pos = position(*chain, &part);
+  if (pos == chain->size()) return Status::error(EIO, "snapshot " + part.snapshot->label() + " was destroyed");
+  h = resolve(*chain, pos, c);
+  if (h.part) return read_hit(h);
+  return pread_all(fd_, buf, p.length, p.offset, "read origin");
+}
+
+Status Volume::read_snapshot(const SnapshotPart& part, void* buf, uint64_t length, uint64_t offset) {
+  if (!geometry_.contains(offset, length)) return Status::error(EINVAL, "read: beyond the end of the volume");
+  Status st = readable(part);
+  if (!st) return st.with_context("read");
+  geometry_.for_each_chunk_piece(offset, length, [&](const Piece& p) {
+    st = read_piece(part, p, static_cast<char*>(buf) + p.buf_offset);
+    return st.is_ok();
+  });
+  if (!st) return st.with_context("read snapshot " + part.snapshot->label());
+  // A copy that failed while we read means the origin may have changed under
+  // us: the snapshot is corrupted and this read must not return data.
+  st = readable(part);
+  return st ? st : st.with_context("read");
+}
+
+Status Volume::snapshot_extents(const SnapshotPart& part, uint64_t length, uint64_t offset,
+                                std::vector<Extent>* out) {
+  if (!geometry_.contains(offset, length)) return Status::error(EINVAL, "extents: beyond the end");
+  Status st = readable(part);
+  if (!st) return st.with_context("extents");
+  geometry_.for_each_chunk_piece(offset, length, [&](const Piece& p) {
+    ChunkIndex c{static_cast<uint32_t>(p.unit)};
+    SharedChunkLock lock(locks_, c);
+    std::shared_ptr<const Chain> chain = this->chain();
+    size_t pos = position(*chain, &part);
+    if (pos == chain->size()) {
+      st = Status::error(EIO, "extents: snapshot was destroyed");
+      return false;
+    }
+    Hit h = resolve(*chain, pos, c);
+    if (h.part)
+      out->push_back(Extent{p.offset, p.length, h.slot == kZeroSlot});
+    else
+      st = origin_extents(p.length, p.offset, out);
+    return st.is_ok();
+  });
+  if (!st) return st;
+  // Merge neighbours of the same kind.
+  std::vector<Extent> merged;
+  for (const Extent& e : *out) {
+    if (!merged.empty() && merged.back().hole == e.hole &&
+        merged.back().offset + merged.back().length == e.offset)
+      merged.back().length += e.length;
+    else
+      merged.push_back(e);
+  }
+  out->swap(merged);
+  return Status::ok();
+}
+
+// ----------------------------------------------------------- change tracking
+
+Status Volume::mark_dirty(uint64_t offset, uint64_t length) {
+  if (!geometry_.contains(offset, length))
+    return Status::error(EINVAL, "mark-dirty: range beyond the end of volume " + name_);
+  GateGuard guard(gate_);
+  Status log_error;
+  stamp(offset, length, sequence_->load(std::memory_order_acquire), chain_.get(), &log_error);
+  return Status::ok();
+}
+
+uint32_t Volume::frozen_stamp(const Chain& chain, size_t pos, CbtBlockIndex b, uint64_t taken_seq) const {
+  uint32_t live = cbt_.load(b);
+  if (live <= taken_seq) return live;
+  for (size_t i = pos; i < chain.size(); ++i) {
+    auto old = chain[i]->saved_stamps.find(to_u32(b));
+    if (old) return *old;
+  }
+  return live;  // not found: report it as changed rather than hide a change
+}
+
+Result<std::vector<uint32_t>> Volume::cbt_stamps(const SnapshotPart* part, uint64_t first, uint64_t count) {
+  uint64_t n = cbt_.block_count();
+  if (first > n) return Status::error(EINVAL, "cbt map: first block beyond the map");
+  count = std::min(count, n - first);
+  std::vector<uint32_t> out(count);
+  std::shared_ptr<const Chain> chain = this->chain();
+  size_t pos = part ? position(*chain, part) : 0;
+  if (part && pos == chain->size()) return Status::error(ENOENT, "cbt map: snapshot was destroyed");
+  for (uint64_t i = 0; i < count; ++i) {
+    CbtBlockIndex b{static_cast<uint32_t>(first + i)};
+    out[i] = part ? frozen_stamp(*chain, pos, b, part->snapshot->sequence()) : cbt_.load(b);
+  }
+  return out;
+}
+
+Result<std::vector<ByteRange>> Volume::cbt_changes(const SnapshotPart* part, uint64_t since) {
+  std::shared_ptr<const Chain> chain = this->chain();
+  size_t pos = part ? position(*chain, part) : 0;
+  if (part && pos == chain->size()) return Status::error(ENOENT, "cbt changes: snapshot was destroyed");
+  uint64_t taken = part ? part->snapshot->sequence() : 0;
+  std::vector<ByteRange> out;
+  uint64_t n = cbt_.block_count();
+  for (uint64_t i = 0; i < n; ++i) {
+    CbtBlockIndex b{static_cast<uint32_t>(i)};
+    uint32_t s = cbt_.load(b);
+    if (s <= since) continue;
+    if (part && s > taken) {
+      s = frozen_stamp(*chain, pos, b, taken);
+      if (s <= since) continue;
+    }
+    uint64_t off = geometry_.cbt_block_offset(b);
+    uint64_t len = geometry_.cbt_block_length(b);
+    if (!out.empty() && out.back().offset + out.back().length == off)
+      out.back().length += len;
+    else
+      out.push_back(ByteRange{off, len});
+  }
+  return out;
+}
+
+// --------------------------------------------------------------------- chain
+
+void Volume::push_part(std::shared_ptr<SnapshotPart> part) {
+  auto next = std::make_shared<Chain>(*chain_);
+  next->push_back(std::move(part));
+  std::lock_guard lk(chain_mu_);
+  chain_ = std::move(next);
+}
+
+Chain Volume::hide_part(const SnapshotPart* part) {
+  auto next = std::make_shared<Chain>(*chain_);
+  for (auto& p : *next)
+    if (p.get() == part) p->hidden = true;
+  Chain dropped;
+  // Hidden parts at the old end serve nobody: no older part reads through them.
+  while (!next->empty() && next->front()->hidden.load()) {
+    dropped.push_back(next->front());
+    next->erase(next->begin());
+  }
+  std::lock_guard lk(chain_mu_);
+  chain_ = std::move(next);
+  return dropped;
+}
+
+void Volume::restore_chain(Chain chain) {
+  std::lock_guard lk(chain_mu_);
+  chain_ = std::make_shared<const Chain>(std::move(chain));
+}
+
+}  // namespace nbdsnap
