@@ -539,6 +539,11 @@ Result<std::optional<Event>> Engine::wait_event(const std::string& id, uint32_t 
   return e;
 }
 
+void Engine::interrupt_waits() {
+  std::lock_guard lk(mu_);
+  for (auto& [id, e] : snapshots_) e.snapshot->events().close();
+}
+
 void Engine::forget_dropped(const Chain& dropped) {
   for (const auto& part : dropped) {
     auto it = snapshots_.find(part->snapshot->id());

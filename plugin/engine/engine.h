@@ -113,6 +113,9 @@ class Engine {
                                  uint64_t since, const std::string& snapshot);
   Status mark_dirty(const std::string& volume, const std::vector<ByteRange>& ranges);
 
+  // Wakes every wait_event() caller (shutdown); later waits return at once.
+  void interrupt_waits();
+
   uint64_t sequence() const { return sequence_.load(); }
   const Params& params() const { return options_.params; }
 

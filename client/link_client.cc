@@ -1,0 +1,51 @@
+#include "link_client.h"
+
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "frame.h"
+
+namespace nbdsnap {
+
+LinkClient::~LinkClient() { close(); }
+
+void LinkClient::close() {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+}
+
+Status LinkClient::connect(const std::string& path) {
+  close();
+  path_ = path;
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof addr.sun_path) return Status::error(ENAMETOOLONG, "connect " + path + ": path too long");
+  std::strcpy(addr.sun_path, path.c_str());
+  fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd_ < 0) return Status::from_errno("connect " + path + ": socket");
+  if (::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    Status st = Status::from_errno("connect " + path);
+    close();
+    return st;
+  }
+  return Status::ok();
+}
+
+Result<link::Response> LinkClient::call(link::Request request) {
+  if (fd_ < 0) return Status::error(ENOTCONN, "request: not connected");
+  request.set_tag(next_tag_++);
+  if (!write_frame(fd_, request)) return Status::from_errno("request to " + path_);
+  link::Response resp;
+  FrameResult r = read_frame(fd_, &resp);
+  if (r != FrameResult::kOk)
+    return Status::error(r == FrameResult::kEof ? ECONNRESET : EPROTO,
+                         "reply from " + path_ + ": " + frame_error(r));
+  if (resp.error_code() != 0) return Status::error(resp.error_code(), resp.error());
+  if (resp.tag() != request.tag()) return Status::error(EPROTO, "reply from " + path_ + ": tag mismatch");
+  return resp;
+}
+
+}  // namespace nbdsnap
