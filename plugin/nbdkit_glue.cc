@@ -135,8 +135,13 @@ void nbdsnap_cleanup() {
 
 int nbdsnap_list_exports(int /*readonly*/, int /*is_tls*/, struct nbdkit_exports* exports) {
   return guarded("list exports", [&] {
-    for (const auto& name : g_engine->export_names())
-      if (nbdkit_add_export(exports, name.c_str(), nullptr) == -1) return -1;
+    for (const auto& name : g_engine->export_names()) {
+      auto at = name.find('@');
+      std::string d = at == std::string::npos
+                          ? "volume " + name + " (read-write)"
+                          : "snapshot " + name.substr(at + 1) + " of volume " + name.substr(0, at) + " (read-only)";
+      if (nbdkit_add_export(exports, name.c_str(), d.c_str()) == -1) return -1;
+    }
     return 0;
   });
 }

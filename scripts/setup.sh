@@ -14,7 +14,7 @@ shift || true
 packages=(
   nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin python3-libnbd qemu-utils
   meson ninja-build pkg-config g++ libboost-dev libprotobuf-dev
-  protobuf-compiler libgtest-dev libgmock-dev fio uuid-dev
+  protobuf-compiler libgtest-dev libgmock-dev fio
 )
 
 install_missing() {
@@ -37,9 +37,10 @@ if [ "${NBDSNAP_SKIP_INSTALL:-0}" != 1 ]; then
 fi
 
 cd "$top"
-if [ -d "$build" ] && [ -f "$build/build.ninja" ]; then
-  meson setup --reconfigure "$build" "$@" >/dev/null
-else
+if [ ! -f "$build/build.ninja" ]; then
   meson setup "$build" "$@"
+elif [ $# -gt 0 ]; then
+  meson configure "$build" "$@"
 fi
+# ninja re-runs meson by itself when a meson.build changed.
 ninja -C "$build"

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what is missing, builds, and runs
+#   1. every test (unit, concurrency, integration through nbdkit + libnbd),
+#   2. the unit and concurrency tests under ASan + UBSan,
+#   3. the concurrency tests under TSan (the engine's threads).
+# Prints "N passed, N failed, N skipped" last; exits non-zero on any failure.
+#
+#   scripts/test.sh [--no-sanitizers]
+set -uo pipefail
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+sanitizers=1
+[ "${1:-}" = "--no-sanitizers" ] && sanitizers=0
+export PATH=/usr/bin:$PATH   # Debian's python3 (libnbd module) for tools that need it
+
+status=0
+logs=()
+
+run_suite() {  # BUILD_DIR [meson test args...]
+  local dir=$1; shift
+  echo "== meson test -C $dir $*"
+  meson test -C "$dir" --print-errorlogs --num-processes 2 "$@" || status=1
+  logs+=("$dir/meson-logs/testlog.json")
+}
+
+scripts/setup.sh build || exit 1
+run_suite build
+
+if [ $sanitizers = 1 ]; then
+  # The engine and link service under the sanitizers; the plugin itself runs
+  # inside an uninstrumented nbdkit, so the integration suite stays above.
+  NBDSNAP_SKIP_INSTALL=1 scripts/setup.sh build-asan -Db_sanitize=address,undefined \
+    -Db_lundef=false -Dplugin=disabled -Dbuildtype=debugoptimized || exit 1
+  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ASAN_OPTIONS=detect_leaks=1 \
+    run_suite build-asan --suite unit
+  NBDSNAP_SKIP_INSTALL=1 scripts/setup.sh build-tsan -Db_sanitize=thread \
+    -Db_lundef=false -Dplugin=disabled -Dbuildtype=debugoptimized || exit 1
+  TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
+    run_suite build-tsan --suite concurrency
+fi
+
+python3 - "${logs[@]}" <<'PY'
+import json, sys
+counts = {"OK": 0, "FAIL": 0, "SKIP": 0}
+for path in sys.argv[1:]:
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        continue
+    for line in lines:
+        r = json.loads(line).get("result", "")
+        if r in ("OK", "EXPECTEDFAIL"): counts["OK"] += 1
+        elif r == "SKIP": counts["SKIP"] += 1
+        else: counts["FAIL"] += 1
+print(f"{counts['OK']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped")
+PY
+exit $status
