@@ -2,6 +2,7 @@
 
 #include <poll.h>
 #include <signal.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -50,6 +51,13 @@ Status ControlLink::start() {
     listen_fd_ = -1;
     return s;
   }
+  wake_fd_ = ::eventfd(0, EFD_CLOEXEC);
+  if (wake_fd_ < 0) {
+    Status s = Status::from_errno("control socket: eventfd");
+    ::close(listen_fd_);
+    listen_fd_ = -1;
+    return s;
+  }
   acceptor_ = std::thread([this] {
     block_signals();
     accept_loop();
@@ -59,9 +67,9 @@ Status ControlLink::start() {
 
 void ControlLink::accept_loop() {
   while (!stopping_) {
-    pollfd p{listen_fd_, POLLIN, 0};
-    int r = ::poll(&p, 1, 200);
-    if (r <= 0) continue;
+    pollfd p[2] = {{listen_fd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
+    int r = ::poll(p, 2, -1);
+    if (r <= 0 || (p[1].revents & POLLIN)) continue;  // stop() wakes us
     int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
     if (fd < 0) continue;
     std::lock_guard lk(mu_);
@@ -122,7 +130,11 @@ void ControlLink::reap_finished() {
 void ControlLink::stop() {
   if (listen_fd_ < 0) return;
   stopping_ = true;
+  uint64_t one = 1;
+  (void)!::write(wake_fd_, &one, sizeof one);
   if (acceptor_.joinable()) acceptor_.join();
+  ::close(wake_fd_);
+  wake_fd_ = -1;
   {
     std::lock_guard lk(mu_);
     for (auto& c : conns_) ::shutdown(c.fd, SHUT_RDWR);

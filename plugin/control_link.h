@@ -38,6 +38,7 @@ class ControlLink {
   Engine& engine_;
   const std::string path_;
   int listen_fd_ = -1;
+  int wake_fd_ = -1;  // eventfd: stop() wakes the accept loop
   std::thread acceptor_;
   std::atomic<bool> stopping_{false};
   std::mutex mu_;

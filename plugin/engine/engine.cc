@@ -122,8 +122,9 @@ Status Engine::start() {
     st = load_registry();
     if (!st) return st;
     if (unclean_reboot) {
-      for (auto& [id, e] : snapshots_)
-        if (e.snapshot->corrupt("", Status::error(EIO, "unclean shutdown across a reboot: "
+      for (auto& [id, e] : snapshots_)  // only taken snapshots hold copies
+        if (!e.parts.empty() &&
+            e.snapshot->corrupt("", Status::error(EIO, "unclean shutdown across a reboot: "
                                                        "copied chunks may not have reached the disk")))
           for (auto& [vol, part] : e.parts)
             (void)part->log.append(LogRecord{LogType::kCorrupted, 0, EIO, 0});
@@ -416,6 +417,9 @@ Result<Uuid> Engine::create_snapshot(const std::vector<std::string>& vols, const
 
 Status Engine::check_storage_range(const StorageRange& r, const Snapshot& s) const {
   std::string ctx = "append-storage " + r.path + " " + std::to_string(r.offset) + ":" + std::to_string(r.length);
+  // An empty path is memory storage (StorageRange): no file that could be an
+  // origin or overlap another range. File storage itself rejects "" (open).
+  if (r.path.empty()) return Status::ok();
   auto me = identify(r.path);
   if (!me) return Status::from_errno(ctx + ": stat");
   for (const auto& v : volumes_) {

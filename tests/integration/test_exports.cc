@@ -1,0 +1,136 @@
+// The NBD export names: VOLUME@SNAPSHOT is read-only and refuses writes;
+// unknown and destroyed exports fail cleanly, also for a connection that
+// was open when the snapshot went away; `nbdinfo --list` follows takes and
+// destroys.
+#include "nbdkit_fixture.h"
+#include "stamp.h"
+
+namespace nbdsnap::it {
+namespace {
+
+class Exports : public NbdkitTest {
+ protected:
+  // 4 MiB volume, stamped with generation 1; snapshot s1 taken.
+  void SetUp() override {
+    NbdkitTest::SetUp();
+    if (IsSkipped()) return;
+    ASSERT_NO_FATAL_FAILURE(start_stamped(kSize, 1));
+    ASSERT_TRUE(IsOk(snapshot("s1", kSize)));
+  }
+  static constexpr uint64_t kSize = 4 * MiB;
+};
+
+TEST_F(Exports, SnapshotExportIsReadOnlyAndRefusesWritesWithEperm) {
+  std::string err;
+  NbdPtr snap = open("vol0@s1", {.strict = false}, &err);
+  ASSERT_TRUE(snap) << err;
+  EXPECT_EQ(nbd_is_read_only(snap.get()), 1);
+  EXPECT_EQ(nbd_can_trim(snap.get()), 0);
+  EXPECT_EQ(nbd_can_zero(snap.get()), 0);
+
+  std::vector<char> buf(kBlock, 'w');
+  EXPECT_EQ(nbd_pwrite(snap.get(), buf.data(), buf.size(), 0, 0), -1);
+  EXPECT_EQ(nbd_get_errno(), EPERM) << nbd_get_error();
+  EXPECT_EQ(nbd_zero(snap.get(), kBlock, kBlock, 0), -1);
+  EXPECT_EQ(nbd_get_errno(), EPERM) << nbd_get_error();
+
+  // The connection still works and the data did not change.
+  ASSERT_EQ(nbd_read_all(snap.get(), buf.data(), kBlock, 0), "");
+  EXPECT_EQ(check_block(buf.data(), 0, 1), "");
+  ASSERT_EQ(nbd_read_all(snap.get(), buf.data(), kBlock, kBlock), "");
+  EXPECT_EQ(check_block(buf.data(), kBlock, 1), "");
+
+  // The origin stays writable.
+  NbdPtr origin = open(kVolume, {}, &err);
+  ASSERT_TRUE(origin) << err;
+  EXPECT_EQ(nbd_is_read_only(origin.get()), 0);
+}
+
+TEST_F(Exports, UnknownExportNamesFailToConnect) {
+  for (const char* name : {"nope", "vol0@nope", "vol1@s1", "vol0@", "@s1"}) {
+    std::string err;
+    int errnum = 0;
+    NbdPtr h = open(name, {}, &err, &errnum);
+    EXPECT_FALSE(h) << name << " connected";
+    EXPECT_EQ(errnum, ENOENT) << name << ": " << err;
+  }
+  std::string err;
+  NbdPtr h = open("vol0@s1", {}, &err);  // the server is fine afterwards
+  EXPECT_TRUE(h) << err;
+}
+
+TEST_F(Exports, DestroyedSnapshotExportIsGoneAndOpenConnectionsGetEio) {
+  std::string err;
+  NbdPtr open_before = open("vol0@s1", {}, &err);
+  ASSERT_TRUE(open_before) << err;
+  std::vector<char> buf(64 * KiB);
+  ASSERT_EQ(nbd_read_all(open_before.get(), buf.data(), buf.size(), 0), "");
+  EXPECT_EQ(check_block(buf.data(), 0, 1), "");
+
+  ASSERT_TRUE(IsOk(destroy("s1")));
+
+  int errnum = 0;
+  NbdPtr after = open("vol0@s1", {}, &err, &errnum);
+  EXPECT_FALSE(after) << "a destroyed snapshot's export still connects";
+  EXPECT_EQ(errnum, ENOENT) << err;
+
+  // The connection opened before: reads fail with EIO, promptly.
+  for (uint64_t offset : {uint64_t{0}, 2 * MiB}) {
+    int64_t cookie = nbd_aio_pread(open_before.get(), buf.data(), buf.size(), offset, NBD_NULL_COMPLETION, 0);
+    ASSERT_NE(cookie, -1) << nbd_get_error();
+    auto deadline = Clock::now() + std::chrono::seconds(10);
+    int done = 0;
+    while ((done = nbd_aio_command_completed(open_before.get(), cookie)) == 0) {
+      ASSERT_LT(Clock::now(), deadline) << "read on a destroyed snapshot's connection hangs";
+      ASSERT_NE(nbd_poll(open_before.get(), 100), -1) << nbd_get_error();
+    }
+    EXPECT_EQ(done, -1) << "read of a destroyed snapshot succeeded";
+    EXPECT_EQ(nbd_get_errno(), EIO) << nbd_get_error();
+  }
+  // A synchronous read fails as well.
+  EXPECT_EQ(nbd_pread(open_before.get(), buf.data(), kBlock, 0, 0), -1);
+
+  // The origin is unaffected.
+  NbdPtr origin = open(kVolume, {}, &err);
+  ASSERT_TRUE(origin) << err;
+  ASSERT_EQ(nbd_read_all(origin.get(), buf.data(), kBlock, 0), "");
+  EXPECT_EQ(check_block(buf.data(), 0, 1), "");
+}
+
+// Export names listed by `nbdinfo --list --json`.
+std::vector<std::string> listed_exports(const std::string& nbdinfo, const std::string& uri, std::string* raw) {
+  auto r = run_command({nbdinfo, "--list", "--json", uri});
+  *raw = r.out + r.err;
+  std::vector<std::string> names;
+  if (r.exit_code != 0) return names;
+  const std::string key = "\"export-name\": \"";
+  for (size_t at = r.out.find(key); at != std::string::npos; at = r.out.find(key, at)) {
+    at += key.size();
+    names.push_back(r.out.substr(at, r.out.find('"', at) - at));
+  }
+  return names;
+}
+
+TEST_F(Exports, NbdinfoListShowsVolumeAndSnapshotExportsUntilDestroy) {
+  std::string nbdinfo = find_program("nbdinfo");
+  if (nbdinfo.empty()) GTEST_SKIP() << "nbdinfo is not installed (apt-get install libnbd-bin)";
+  ASSERT_TRUE(IsOk(snapshot("s2", kSize)));
+
+  std::string raw;
+  auto names = listed_exports(nbdinfo, uri(""), &raw);
+  EXPECT_EQ(names, (std::vector<std::string>{"vol0", "vol0@s1", "vol0@s2"})) << raw;
+  EXPECT_NE(raw.find("read-only"), std::string::npos) << raw;
+
+  ASSERT_TRUE(IsOk(destroy("s1")));
+  names = listed_exports(nbdinfo, uri(""), &raw);
+  EXPECT_EQ(names, (std::vector<std::string>{"vol0", "vol0@s2"})) << raw;
+
+  // The plain-text form names them too.
+  auto text = run_command({nbdinfo, "--list", uri("")});
+  EXPECT_EQ(text.exit_code, 0) << text.err;
+  EXPECT_NE(text.out.find("export=\"vol0@s2\""), std::string::npos) << text.out;
+  EXPECT_EQ(text.out.find("vol0@s1"), std::string::npos) << text.out;
+}
+
+}  // namespace
+}  // namespace nbdsnap::it

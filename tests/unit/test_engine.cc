@@ -1,0 +1,550 @@
+// Engine: control operations (create, append-storage, take, destroy, exports,
+// start checks) and persistence across restarts and crashes (DESIGN 4.7).
+#include "engine.h"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <vector>
+
+#include "test_util.h"
+
+namespace nbdsnap {
+namespace {
+
+namespace fs = std::filesystem;
+using test::Harness;
+using test::kChunk;
+using test::kKiB;
+using test::kMiB;
+using test::kVolumeSize;
+using test::pattern;
+
+std::vector<std::string> names(const std::vector<SnapshotInfo>& infos) {
+  std::vector<std::string> out;
+  for (const auto& i : infos) out.push_back(i.name);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// ------------------------------------------------------------ control ops
+
+TEST(Engine, CreateRejectsBadInput) {
+  Harness h;
+  Engine& e = h.engine();
+  EXPECT_ERRNO(e.create_snapshot({}, "s", 0), EINVAL);
+  EXPECT_ERRNO(e.create_snapshot({"nope"}, "s", 0), ENOENT);
+  EXPECT_ERRNO(e.create_snapshot({"vol", "vol"}, "s", 0), EINVAL);
+  EXPECT_ERRNO(e.create_snapshot({"vol"}, "bad name", 0), EINVAL);
+  EXPECT_ERRNO(e.create_snapshot({"vol"}, "-dash", 0), EINVAL);
+  EXPECT_ERRNO(e.create_snapshot({"vol"}, std::string(129, 'a'), 0), EINVAL);
+  EXPECT_ERRNO(e.create_snapshot({"vol"}, Uuid::random().str(), 0), EINVAL);
+  ASSERT_OK(e.create_snapshot({"vol"}, "s", 0));
+  EXPECT_ERRNO(e.create_snapshot({"vol"}, "s", 0), EEXIST);
+  EXPECT_EQ(e.collect().size(), 1u);
+}
+
+TEST(Engine, TakeLifecycleFromCreatedToTaken) {
+  Harness h;
+  Engine& e = h.engine();
+  Uuid id = test::must(e.create_snapshot({"vol"}, "s1", 0));
+  auto info = test::must(e.info("s1"));
+  EXPECT_EQ(info.id, id);
+  EXPECT_EQ(info.state, SnapshotState::kCreated);
+  EXPECT_TRUE(info.exports.empty());
+  EXPECT_EQ(info.volumes, std::vector<std::string>{"vol"});
+  EXPECT_ERRNO(e.open_export("vol@s1"), ENOENT) << "not taken: no export";
+  EXPECT_ERRNO(e.take("s1"), ENOSPC) << "no difference storage yet";
+  EXPECT_ERRNO(e.append_storage("s1", {}), EINVAL);
+  ASSERT_OK(e.append_storage("s1", {StorageRange{"", 0, 1 * kMiB}}));
+  EXPECT_EQ(test::must(e.info("s1")).storage.capacity, 1 * kMiB);
+  uint64_t seq = e.sequence();
+  auto taken = test::must(e.take("s1"));
+  EXPECT_EQ(taken.sequence, seq);
+  EXPECT_EQ(e.sequence(), seq + 1);
+  EXPECT_LT(taken.pause_us, 5000000u);
+  info = test::must(e.info(id.str()));  // by UUID too
+  EXPECT_EQ(info.state, SnapshotState::kTaken);
+  EXPECT_EQ(info.sequence, seq);
+  EXPECT_EQ(info.exports, std::vector<std::string>{"vol@s1"});
+  EXPECT_ERRNO(e.take("s1"), EALREADY);
+  EXPECT_OK(e.open_export("vol@s1"));
+  EXPECT_OK(e.open_export("vol@" + id.str()));
+}
+
+TEST(Engine, UnnamedSnapshotIsExportedByItsUuid) {
+  Harness h;
+  Uuid id = test::must(h.engine().create_snapshot({"vol"}, "", 0));
+  ASSERT_OK(h.engine().append_storage(id.str(), {StorageRange{"", 0, 1 * kMiB}}));
+  ASSERT_OK(h.engine().take(id.str()));
+  EXPECT_EQ(h.engine().export_names(), (std::vector<std::string>{"vol", "vol@" + id.str()}));
+  ASSERT_OK(h.write(0, pattern(100, 1)));
+  EXPECT_EQ(h.snap_read(id.str(), 0, 100), std::vector<char>(100, 0));
+}
+
+TEST(Engine, ExportsListVolumesThenSnapshotsInTakeOrder) {
+  Harness::Options o;
+  o.volumes = {{"b", 1 * kMiB}, {"a", 1 * kMiB}};
+  Harness h(o);
+  ASSERT_OK(h.engine().create_snapshot({"b", "a"}, "later", 0));
+  ASSERT_OK(h.engine().append_storage("later", {StorageRange{"", 0, 2 * kMiB}}));
+  h.snapshot("first", 1 * kMiB, {"a"});
+  ASSERT_OK(h.engine().take("later"));
+  EXPECT_EQ(h.engine().export_names(), (std::vector<std::string>{"b", "a", "a@first", "a@later", "b@later"}));
+  EXPECT_EQ(test::must(h.engine().info("later")).volumes, (std::vector<std::string>{"a", "b"}));
+}
+
+TEST(Engine, OpenExportOfUnknownNamesFailsWithENOENT) {
+  Harness h;
+  h.snapshot("s1");
+  EXPECT_ERRNO(h.engine().open_export("nope"), ENOENT);
+  EXPECT_ERRNO(h.engine().open_export("vol@nope"), ENOENT);
+  EXPECT_ERRNO(h.engine().open_export("nope@s1"), ENOENT);
+  EXPECT_ERRNO(h.engine().open_export("vol@"), ENOENT);
+  auto origin = test::must(h.engine().open_export("vol"));
+  EXPECT_EQ(origin.part, nullptr);
+  EXPECT_EQ(origin.volume->name(), "vol");
+}
+
+TEST(Engine, TakeOfSeveralVolumesIsOnePointInTime) {
+  Harness::Options o;
+  o.volumes = {{"a", kVolumeSize}, {"b", kVolumeSize}};
+  Harness h(o);
+  ASSERT_OK(h.write(0, pattern(kVolumeSize, 1), "a"));
+  ASSERT_OK(h.write(0, pattern(kVolumeSize, 2), "b"));
+  uint64_t seq = h.snapshot("both", 16 * kMiB, {"a", "b"});
+  ASSERT_OK(h.write(0, pattern(kVolumeSize, 3), "a"));
+  ASSERT_OK(h.write(0, pattern(kVolumeSize, 4), "b"));
+  EXPECT_EQ(h.snap_read("both", 0, kVolumeSize, "a"), pattern(kVolumeSize, 1));
+  EXPECT_EQ(h.snap_read("both", 0, kVolumeSize, "b"), pattern(kVolumeSize, 2));
+  auto info = test::must(h.engine().info("both"));
+  EXPECT_EQ(info.sequence, seq);
+  EXPECT_EQ(info.chunks_copied, 130u);
+  EXPECT_EQ(info.exports, (std::vector<std::string>{"a@both", "b@both"}));
+}
+
+TEST(Engine, DestroyedSnapshotDisappearsAndItsNameCanBeReused) {
+  Harness h;
+  ASSERT_OK(h.write(0, pattern(kChunk, 1)));
+  h.snapshot("s1");
+  ASSERT_OK(h.engine().create_snapshot({"vol"}, "never-taken", 0));
+  EXPECT_EQ(names(h.engine().collect()), (std::vector<std::string>{"never-taken", "s1"}));
+  ASSERT_OK(h.engine().destroy("s1"));
+  ASSERT_OK(h.engine().destroy("never-taken"));
+  EXPECT_TRUE(h.engine().collect().empty());
+  EXPECT_EQ(h.engine().export_names(), std::vector<std::string>{"vol"});
+  EXPECT_ERRNO(h.engine().info("s1"), ENOENT);
+  EXPECT_ERRNO(h.engine().destroy("s1"), ENOENT);
+  EXPECT_ERRNO(h.engine().take("s1"), ENOENT);
+  ASSERT_OK(h.write(0, pattern(kChunk, 2)));
+  h.snapshot("s1");
+  ASSERT_OK(h.write(0, pattern(kChunk, 3)));
+  EXPECT_EQ(h.snap_read("s1", 0, kChunk), pattern(kChunk, 2));
+}
+
+TEST(Engine, AppendStorageRejectsTheOriginAndOverlappingRanges) {
+  Harness::Options o;
+  o.storage_factory = nullptr;  // the default: file ranges
+  Harness h(o);
+  Engine& e = h.engine();
+  std::string storage = test::make_file(h.dir().file("storage"), 4 * kMiB);
+  ASSERT_OK(e.create_snapshot({"vol"}, "s1", 0));
+  ASSERT_OK(e.create_snapshot({"vol"}, "s2", 0));
+  Status st = e.append_storage("s1", {StorageRange{h.volume_path(), 0, 1 * kMiB}});
+  EXPECT_EQ(st.code(), EINVAL);
+  EXPECT_CONTAINS(st.message(), "origin");
+  EXPECT_ERRNO(e.append_storage("s1", {StorageRange{storage, 0, 1 * kMiB}, StorageRange{storage, 512 * kKiB, 1 * kMiB}}),
+               EBUSY);
+  ASSERT_OK(e.append_storage("s1", {StorageRange{storage, 0, 1 * kMiB}}));
+  EXPECT_ERRNO(e.append_storage("s1", {StorageRange{storage, 0, 4 * kKiB}}), EBUSY);
+  st = e.append_storage("s2", {StorageRange{storage, 1 * kMiB - 4 * kKiB, 1 * kMiB}});
+  EXPECT_EQ(st.code(), EBUSY);
+  EXPECT_CONTAINS(st.message(), "s1");
+  EXPECT_OK(e.append_storage("s2", {StorageRange{storage, 1 * kMiB, 1 * kMiB}}));
+  EXPECT_ERRNO(e.append_storage("s2", {StorageRange{h.dir().file("missing"), 0, 4 * kKiB}}), ENOENT);
+  EXPECT_ERRNO(e.append_storage("s2", {StorageRange{storage, 3 * kMiB, 2 * kMiB}}), EINVAL);
+  EXPECT_ERRNO(e.append_storage("nope", {StorageRange{storage, 3 * kMiB, 4 * kKiB}}), ENOENT);
+  // File storage works end to end.
+  ASSERT_OK(h.write(0, pattern(kChunk, 1)));
+  ASSERT_OK(e.take("s1"));
+  ASSERT_OK(h.write(0, pattern(kChunk, 2)));
+  EXPECT_EQ(h.snap_read("s1", 0, kChunk), pattern(kChunk, 1));
+  EXPECT_EQ(test::read_raw(storage, 0, kChunk), pattern(kChunk, 1)) << "the first slot is at the range start";
+}
+
+TEST(Engine, StartRejectsBadVolumeConfigurations) {
+  test::TempDir dir;
+  std::string a = test::make_file(dir.file("a.img"), 1 * kMiB);
+  std::string empty = test::make_file(dir.file("empty.img"), 0);
+  auto start = [&](std::vector<std::pair<std::string, std::string>> vols) {
+    EngineOptions o;
+    o.params = test::small_params();
+    o.volumes = std::move(vols);
+    Engine e(o);
+    return e.start();
+  };
+  EXPECT_ERRNO(start({}), EINVAL);
+  EXPECT_ERRNO(start({{"a", a}, {"b", a}}), EINVAL);  // the same file twice
+  EXPECT_ERRNO(start({{"a", a}, {"a", dir.file("a.img")}}), EINVAL);
+  EXPECT_ERRNO(start({{"bad/name", a}}), EINVAL);
+  EXPECT_ERRNO(start({{"a", dir.file("missing.img")}}), ENOENT);
+  EXPECT_ERRNO(start({{"a", empty}}), EINVAL);
+  EXPECT_OK(start({{"a", a}}));
+}
+
+// ------------------------------------------------------------ persistence
+
+Harness::Options persistent() {
+  Harness::Options o;
+  o.persistent = true;
+  o.storage_factory = nullptr;  // default file storage
+  return o;
+}
+
+void snapshot_in_file(Harness& h, const std::string& name, const std::string& file, uint64_t offset,
+                      uint64_t length) {
+  test::must(h.engine().create_snapshot({"vol"}, name, 0));
+  test::must(h.engine().append_storage(name, {StorageRange{file, offset, length}}));
+  test::must(h.engine().take(name));
+}
+
+bool log_mentions(const std::vector<std::string>& log, const std::string& what) {
+  for (const auto& m : log)
+    if (m.find(what) != std::string::npos) return true;
+  return false;
+}
+
+TEST(EnginePersistence, SnapshotsDataAndCbtSurviveACleanRestart) {
+  Harness h(persistent());
+  std::string storage = test::make_file(h.dir().file("storage"), 16 * kMiB);
+  auto d0 = pattern(kVolumeSize, 1);
+  ASSERT_OK(h.write(0, d0));
+  snapshot_in_file(h, "s1", storage, 0, 8 * kMiB);
+  ASSERT_OK(h.write(3 * kChunk - 10, pattern(3 * kChunk, 2)));
+  ASSERT_OK(h.write(kVolumeSize - 100, pattern(100, 3)));
+  auto d1 = h.read(0, kVolumeSize);
+  snapshot_in_file(h, "s2", storage, 8 * kMiB, 8 * kMiB);
+  ASSERT_OK(h.write(3 * kChunk, pattern(kChunk, 4)));
+  auto d2 = h.read(0, kVolumeSize);
+
+  auto i1 = test::must(h.engine().info("s1"));
+  auto i2 = test::must(h.engine().info("s2"));
+  auto cbt = test::must(h.engine().cbt_info("vol"));
+  auto changes = test::must(h.engine().cbt_changes("vol", cbt.generation.str(), i1.sequence, "s2")).ranges;
+  auto frozen = test::must(h.engine().cbt_map("vol", "s1", 0, 2000));
+  uint64_t seq = h.engine().sequence();
+  ASSERT_FALSE(changes.empty());
+
+  ASSERT_OK(h.engine().stop());
+  h.log().clear();
+  h.restart_engine();
+  EXPECT_FALSE(log_mentions(h.log(), "new CBT generation")) << "a clean restart keeps the history";
+
+  Engine& e = h.engine();
+  EXPECT_EQ(e.sequence(), seq);
+  EXPECT_EQ(names(e.collect()), (std::vector<std::string>{"s1", "s2"}));
+  for (const auto& before : {i1, i2}) {
+    auto after = test::must(e.info(before.name));
+    EXPECT_EQ(after.id, before.id);
+    EXPECT_EQ(after.state, SnapshotState::kTaken);
+    EXPECT_EQ(after.sequence, before.sequence);
+    EXPECT_EQ(after.chunks_copied, before.chunks_copied);
+    EXPECT_EQ(after.storage.used, before.storage.used);
+    EXPECT_EQ(after.exports, before.exports);
+  }
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), d0);
+  EXPECT_EQ(h.snap_read("s2", 0, kVolumeSize), d1);
+  EXPECT_EQ(h.read(0, kVolumeSize), d2);
+  auto cbt2 = test::must(e.cbt_info("vol"));
+  EXPECT_EQ(cbt2.generation, cbt.generation);
+  EXPECT_EQ(test::must(e.cbt_changes("vol", cbt.generation.str(), i1.sequence, "s2")).ranges.size(), changes.size());
+  EXPECT_EQ(test::must(e.cbt_map("vol", "s1", 0, 2000)), frozen);
+
+  // New copies after the restart must not reuse slots still in use.
+  ASSERT_OK(h.write(0, pattern(kVolumeSize, 5)));
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), d0);
+  EXPECT_EQ(h.snap_read("s2", 0, kVolumeSize), d1);
+}
+
+TEST(EnginePersistence, EverythingSurvivesKillMinus9OfTheProcess) {
+  Harness h(persistent());
+  std::string storage = test::make_file(h.dir().file("storage"), 8 * kMiB);
+  auto d0 = pattern(kVolumeSize, 1);
+  auto d1 = pattern(5 * kChunk + 1, 2);
+  auto d2 = pattern(kChunk, 3);
+  h.drop_engine();
+
+  int pipefd[2];
+  ASSERT_EQ(::pipe(pipefd), 0);
+  EngineOptions eo = h.engine_options();
+  eo.log = nullptr;
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    // Child: no gtest assertions here; any failure exits with a code.
+    ::close(pipefd[0]);
+    Engine e(eo);
+    auto v = [&]() -> Volume& { return *e.volume("vol"); };
+    if (!e.start()) ::_exit(10);
+    if (!v().write(d0.data(), d0.size(), 0, false)) ::_exit(11);
+    if (!e.create_snapshot({"vol"}, "s1", 0)) ::_exit(12);
+    if (!e.append_storage("s1", {StorageRange{storage, 0, 8 * kMiB}})) ::_exit(13);
+    auto t = e.take("s1");
+    if (!t) ::_exit(14);
+    if (!v().write(d1.data(), d1.size(), 7, false)) ::_exit(15);
+    if (!e.create_snapshot({"vol"}, "s2", 0)) ::_exit(16);  // created, never taken
+    if (!v().write(d2.data(), d2.size(), 40 * kChunk, false)) ::_exit(17);
+    std::string msg = e.cbt_info("vol")->generation.str() + " " + std::to_string(t->sequence) + "\n";
+    if (::write(pipefd[1], msg.data(), msg.size()) != static_cast<ssize_t>(msg.size())) ::_exit(18);
+    ::kill(::getpid(), SIGKILL);
+    ::_exit(19);
+  }
+  ::close(pipefd[1]);
+  char buf[200] = {};
+  ssize_t n = ::read(pipefd[0], buf, sizeof buf - 1);
+  ::close(pipefd[0]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFSIGNALED(status)) << "child exited with " << WEXITSTATUS(status);
+  ASSERT_GT(n, 0);
+  std::string gen;
+  uint64_t seq = 0;
+  {
+    std::istringstream in(buf);
+    in >> gen >> seq;
+  }
+  EXPECT_TRUE(fs::exists(h.dir().file("state/in-use"))) << "the crash left the in-use marker";
+
+  h.log().clear();
+  h.restart_engine();
+  EXPECT_TRUE(log_mentions(h.log(), "process crash")) << "the restart notices the crash";
+  Engine& e = h.engine();
+  auto info = test::must(e.info("s1"));
+  EXPECT_EQ(info.state, SnapshotState::kTaken);
+  EXPECT_EQ(info.sequence, seq);
+  EXPECT_EQ(test::must(e.info("s2")).state, SnapshotState::kCreated);
+  EXPECT_EQ(e.sequence(), seq + 1);
+  auto now = d0;
+  std::copy(d1.begin(), d1.end(), now.begin() + 7);
+  std::copy(d2.begin(), d2.end(), now.begin() + 40 * kChunk);
+  EXPECT_EQ(h.read(0, kVolumeSize), now) << "no acknowledged origin write is lost";
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), d0);
+  EXPECT_EQ(info.chunks_copied, 7u);
+  EXPECT_EQ(test::must(e.cbt_info("vol")).generation.str(), gen) << "a crash on the same boot keeps the CBT history";
+  auto changes = test::must(e.cbt_changes("vol", gen, seq, "")).ranges;
+  ASSERT_EQ(changes.size(), 2u);
+  EXPECT_EQ(changes[0].offset, 0u);
+  EXPECT_EQ(changes[0].length, 5 * kChunk + 4 * kKiB);  // bytes 7 .. 5*64K+7: blocks 0..80
+  EXPECT_EQ(changes[1].offset, 40 * kChunk);
+  EXPECT_EQ(changes[1].length, kChunk);
+  // The snapshot keeps working.
+  ASSERT_OK(h.write(60 * kChunk, pattern(kChunk, 9)));
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), d0);
+}
+
+TEST(EnginePersistence, DamagedRegistryMakesStartFailNamingTheFile) {
+  Harness h(persistent());
+  ASSERT_OK(h.engine().create_snapshot({"vol"}, "s1", 0));
+  h.drop_engine();
+  std::string reg = h.dir().file("state/registry");
+  auto size = fs::file_size(reg);
+  ASSERT_GT(size, 24u);
+  auto b = test::read_raw(reg, size - 3, 1);  // in the payload: the CRC no longer matches
+  b[0] ^= 0x10;
+  test::write_raw(reg, size - 3, b.data(), 1);
+  {
+    Engine e(h.engine_options());
+    Status st = e.start();
+    EXPECT_EQ(st.code(), EBADMSG);
+    EXPECT_CONTAINS(st.message(), reg);
+  }
+  b[0] ^= 0x10;  // repaired: starts again
+  test::write_raw(reg, size - 3, b.data(), 1);
+  {
+    Engine e(h.engine_options());
+    ASSERT_OK(e.start());
+    EXPECT_EQ(names(e.collect()), std::vector<std::string>{"s1"});
+  }
+  test::write_raw(reg, 0, "XXXX", 4);  // not a registry at all
+  Engine e(h.engine_options());
+  Status st = e.start();
+  EXPECT_EQ(st.code(), EBADMSG);
+  EXPECT_CONTAINS(st.message(), reg);
+}
+
+TEST(EnginePersistence, MissingCbtMapGivesANewGeneration) {
+  Harness h(persistent());
+  std::string storage = test::make_file(h.dir().file("storage"), 8 * kMiB);
+  ASSERT_OK(h.write(0, pattern(kChunk, 1)));
+  snapshot_in_file(h, "s1", storage, 0, 8 * kMiB);
+  ASSERT_OK(h.write(0, pattern(kChunk, 2)));
+  std::string old_gen = test::must(h.engine().cbt_info("vol")).generation.str();
+  h.drop_engine();
+  ASSERT_TRUE(fs::remove(h.dir().file("state/cbt/vol.map")));
+  h.log().clear();
+  h.restart_engine();
+  std::string gen = test::must(h.engine().cbt_info("vol")).generation.str();
+  EXPECT_NE(gen, old_gen);
+  EXPECT_TRUE(log_mentions(h.log(), "new CBT generation " + gen));
+  EXPECT_ERRNO(h.engine().cbt_changes("vol", old_gen, 0, ""), ESTALE);
+  // The snapshot data does not depend on the CBT map.
+  EXPECT_EQ(h.snap_read("s1", 0, kChunk), pattern(kChunk, 1));
+}
+
+TEST(EnginePersistence, MissingRegistryForgetsSnapshotsAndResetsTheCbtHistory) {
+  Harness h(persistent());
+  ASSERT_OK(h.write(0, pattern(kChunk, 1)));
+  ASSERT_OK(h.engine().create_snapshot({"vol"}, "s1", 0));
+  std::string old_gen = test::must(h.engine().cbt_info("vol")).generation.str();
+  h.drop_engine();
+  ASSERT_TRUE(fs::remove(h.dir().file("state/registry")));
+  h.log().clear();
+  h.restart_engine();
+  EXPECT_TRUE(h.engine().collect().empty());
+  EXPECT_NE(test::must(h.engine().cbt_info("vol")).generation.str(), old_gen);
+  EXPECT_TRUE(log_mentions(h.log(), "registry missing"));
+}
+
+TEST(EnginePersistence, DestroyedNewerSnapshotStillServesTheOlderOneAfterRestart) {
+  Harness h(persistent());
+  std::string storage = test::make_file(h.dir().file("storage"), 16 * kMiB);
+  auto d0 = pattern(kVolumeSize, 1);
+  ASSERT_OK(h.write(0, d0));
+  snapshot_in_file(h, "a", storage, 0, 8 * kMiB);
+  snapshot_in_file(h, "b", storage, 8 * kMiB, 8 * kMiB);
+  ASSERT_OK(h.write(0, pattern(kVolumeSize, 2)));  // every chunk copied into b only
+  ASSERT_OK(h.engine().destroy("b"));
+  EXPECT_EQ(h.snap_read("a", 0, kVolumeSize), d0);
+  h.restart_engine();
+  EXPECT_EQ(names(h.engine().collect()), std::vector<std::string>{"a"});
+  EXPECT_EQ(h.engine().export_names(), (std::vector<std::string>{"vol", "vol@a"}));
+  EXPECT_EQ(h.snap_read("a", 0, kVolumeSize), d0) << "a reads its chunks through destroyed b's table";
+  ASSERT_OK(h.write(0, pattern(kVolumeSize, 3)));
+  EXPECT_EQ(h.snap_read("a", 0, kVolumeSize), d0);
+  // Destroying the last one removes its state.
+  ASSERT_OK(h.engine().destroy("a"));
+  h.restart_engine();
+  EXPECT_TRUE(h.engine().collect().empty());
+  EXPECT_TRUE(fs::is_empty(h.dir().file("state/snapshots")));
+}
+
+TEST(EnginePersistence, CorruptedSnapshotStaysCorruptedAfterRestart) {
+  Harness h(persistent());
+  std::string storage = test::make_file(h.dir().file("storage"), 1 * kMiB);
+  ASSERT_OK(h.write(0, pattern(kVolumeSize, 1)));
+  snapshot_in_file(h, "s1", storage, 0, kChunk);  // room for one chunk
+  ASSERT_OK(h.write(0, pattern(2 * kChunk, 2)));
+  EXPECT_EQ(test::must(h.engine().info("s1")).state, SnapshotState::kCorrupted);
+  h.restart_engine();
+  auto info = test::must(h.engine().info("s1"));
+  EXPECT_EQ(info.state, SnapshotState::kCorrupted);
+  EXPECT_EQ(info.error.code(), ENOSPC);
+  std::vector<char> out;
+  EXPECT_ERRNO(h.read_snapshot("s1", 0, 100, &out), EIO);
+  EXPECT_EQ(h.read(0, 2 * kChunk), pattern(2 * kChunk, 2));
+}
+
+TEST(EnginePersistence, UncleanShutdownAcrossARebootCorruptsSnapshotsExplicitly) {
+  Harness h(persistent());
+  std::string storage = test::make_file(h.dir().file("storage"), 8 * kMiB);
+  ASSERT_OK(h.write(0, pattern(kChunk, 1)));
+  snapshot_in_file(h, "s1", storage, 0, 8 * kMiB);
+  ASSERT_OK(h.write(0, pattern(kChunk, 2)));
+  h.drop_engine();
+  // As if the machine rebooted while the state was in use.
+  std::ofstream(h.dir().file("state/in-use")) << "11111111-2222-3333-4444-555555555555\n";
+  h.log().clear();
+  h.restart_engine();
+  EXPECT_TRUE(log_mentions(h.log(), "reboot"));
+  auto info = test::must(h.engine().info("s1"));
+  EXPECT_EQ(info.state, SnapshotState::kCorrupted) << "never silently wrong";
+  EXPECT_EQ(info.error.code(), EIO);
+  std::vector<char> out;
+  EXPECT_ERRNO(h.read_snapshot("s1", 0, 100, &out), EIO);
+}
+
+TEST(EnginePersistence, StorageAppendedAfterTheTakeSurvivesARestart) {
+  Harness h(persistent());
+  std::string storage = test::make_file(h.dir().file("storage"), 4 * kMiB);
+  auto d0 = pattern(kVolumeSize, 1);
+  ASSERT_OK(h.write(0, d0));
+  snapshot_in_file(h, "s1", storage, 0, 4 * kChunk);
+  ASSERT_OK(h.engine().append_storage("s1", {StorageRange{storage, 1 * kMiB, 2 * kMiB}}));
+  ASSERT_OK(h.write(0, pattern(20 * kChunk, 2)));  // spills into the second range
+  EXPECT_EQ(test::must(h.engine().info("s1")).storage.capacity, 4 * kChunk + 2 * kMiB);
+  h.restart_engine();
+  auto info = test::must(h.engine().info("s1"));
+  EXPECT_EQ(info.state, SnapshotState::kTaken);
+  EXPECT_EQ(info.storage.capacity, 4 * kChunk + 2 * kMiB);
+  EXPECT_EQ(info.chunks_copied, 20u);
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), d0);
+  ASSERT_OK(h.write(20 * kChunk, pattern(10 * kChunk, 3)));
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), d0);
+}
+
+TEST(EnginePersistence, MissingDifferenceStorageCorruptsTheSnapshotAtRestart) {
+  Harness h(persistent());
+  std::string storage = test::make_file(h.dir().file("storage"), 4 * kMiB);
+  ASSERT_OK(h.write(0, pattern(kChunk, 1)));
+  snapshot_in_file(h, "s1", storage, 0, 4 * kMiB);
+  ASSERT_OK(h.write(0, pattern(kChunk, 2)));
+  h.drop_engine();
+  ASSERT_TRUE(fs::remove(storage));
+  h.log().clear();
+  h.restart_engine();
+  auto info = test::must(h.engine().info("s1"));
+  EXPECT_EQ(info.state, SnapshotState::kCorrupted);
+  EXPECT_CONTAINS(info.error.message(), storage);
+  EXPECT_TRUE(log_mentions(h.log(), "corrupted at restart"));
+  std::vector<char> out;
+  EXPECT_ERRNO(h.read_snapshot("s1", 0, 100, &out), EIO);
+  ASSERT_OK(h.write(0, pattern(kChunk, 3))) << "the origin keeps working";
+}
+
+TEST(EnginePersistence, DamagedSnapshotLogCorruptsTheSnapshotAtRestart) {
+  Harness h(persistent());
+  std::string storage = test::make_file(h.dir().file("storage"), 4 * kMiB);
+  ASSERT_OK(h.write(0, pattern(kChunk, 1)));
+  snapshot_in_file(h, "s1", storage, 0, 4 * kMiB);
+  Uuid id = test::must(h.engine().info("s1")).id;
+  ASSERT_OK(h.write(0, pattern(kChunk, 2)));
+  h.drop_engine();
+  std::string log = h.dir().file("state/snapshots/" + id.str() + "/vol.log");
+  ASSERT_TRUE(fs::exists(log));
+  ASSERT_GT(fs::file_size(log), 64u);
+  auto b = test::read_raw(log, 64 + 4, 1);  // the first record's key
+  b[0] ^= 1;
+  test::write_raw(log, 64 + 4, b.data(), 1);
+  h.restart_engine();
+  auto info = test::must(h.engine().info("s1"));
+  EXPECT_EQ(info.state, SnapshotState::kCorrupted) << "never silently wrong";
+  EXPECT_EQ(info.error.code(), EBADMSG);
+  std::vector<char> out;
+  EXPECT_ERRNO(h.read_snapshot("s1", 0, 100, &out), EIO);
+}
+
+TEST(EnginePersistence, StateDirectoryInUseIsEBUSY) {
+  Harness h(persistent());
+  Engine second(h.engine_options());
+  Status st = second.start();
+  EXPECT_EQ(st.code(), EBUSY);
+  EXPECT_CONTAINS(st.message(), h.dir().file("state"));
+}
+
+TEST(EnginePersistence, CleanStopRemovesTheInUseMarker) {
+  Harness h(persistent());
+  EXPECT_TRUE(fs::exists(h.dir().file("state/in-use")));
+  ASSERT_OK(h.engine().stop());
+  EXPECT_FALSE(fs::exists(h.dir().file("state/in-use")));
+  EXPECT_TRUE(fs::exists(h.dir().file("state/registry")));
+  EXPECT_TRUE(fs::exists(h.dir().file("state/cbt/vol.map")));
+}
+
+}  // namespace
+}  // namespace nbdsnap
