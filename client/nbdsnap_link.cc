@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <string>
@@ -27,6 +28,8 @@ const char* kUsage =
     "commands:\n"
     "  version                                  plugin version and link protocol\n"
     "  volumes                                  list volumes\n"
+    "  add-volume NAME PATH                     serve another volume\n"
+    "  remove-volume NAME                       stop serving a volume\n"
     "  create VOLUME... [--name NAME] [--limit SIZE]\n"
     "                                           create a snapshot; prints its id\n"
     "  append-storage ID PATH OFFSET:LENGTH...  add difference storage ranges\n"
@@ -44,6 +47,9 @@ const char* kUsage =
     "\n"
     "ID is a snapshot UUID or name. Sizes take K, M, G, T suffixes.\n"
     "Exit status: 0 ok, 1 operation failed, 2 usage error.\n";
+
+// The plugin runs in "/": send absolute paths.
+std::string absolute(const std::string& p) { return std::filesystem::absolute(p).lexically_normal().string(); }
 
 int usage_error(const std::string& msg) {
   std::fprintf(stderr, "nbdsnap-link: %s\n%s", msg.c_str(), kUsage);
@@ -143,6 +149,10 @@ int main(int argc, char** argv) {
   link::Request req;
   if (cmd == "version" && need(0)) req.mutable_version();
   else if (cmd == "volumes" && need(0)) req.mutable_list_volumes();
+  else if (cmd == "add-volume" && need(2)) {
+    req.mutable_add_volume()->set_name(pos[0]);
+    req.mutable_add_volume()->set_path(absolute(pos[1]));
+  } else if (cmd == "remove-volume" && need(1)) req.mutable_remove_volume()->set_name(pos[0]);
   else if (cmd == "create" && need(1, true)) {
     auto* q = req.mutable_create();
     for (const auto& v : pos) q->add_volumes(v);
@@ -155,7 +165,7 @@ int main(int argc, char** argv) {
   } else if (cmd == "append-storage" && need(3, true)) {
     auto* q = req.mutable_append_storage();
     q->set_id(pos[0]);
-    q->set_path(pos[1]);
+    q->set_path(absolute(pos[1]));
     for (size_t k = 2; k < pos.size(); ++k) {
       auto r = nbdsnap::parse_range(pos[k]);
       if (!r) return usage_error("append-storage: " + pos[k] + ": expected OFFSET:LENGTH");

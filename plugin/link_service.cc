@@ -39,6 +39,14 @@ void fill(link::SnapshotInfo* out, const SnapshotInfo& i) {
   out->set_chunks_copied(i.chunks_copied);
 }
 
+void fill(link::VolumeInfo* vi, const Volume& v) {
+  vi->set_name(v.name());
+  vi->set_path(v.path());
+  vi->set_size(v.size());
+  vi->set_chunk_size(v.geometry().chunk_size());
+  vi->set_cbt_block_size(v.geometry().cbt_block_size());
+}
+
 }  // namespace
 
 link::Response handle_request(Engine& engine, const link::Request& req) {
@@ -53,14 +61,20 @@ link::Response handle_request(Engine& engine, const link::Request& req) {
     }
     case link::Request::kListVolumes: {
       auto* r = resp.mutable_list_volumes();
-      for (const auto& v : engine.volumes()) {
-        auto* vi = r->add_volumes();
-        vi->set_name(v->name());
-        vi->set_path(v->path());
-        vi->set_size(v->size());
-        vi->set_chunk_size(v->geometry().chunk_size());
-        vi->set_cbt_block_size(v->geometry().cbt_block_size());
-      }
+      for (const auto& v : engine.volumes()) fill(r->add_volumes(), *v);
+      break;
+    }
+    case link::Request::kAddVolume: {
+      const auto& q = req.add_volume();
+      Status st = engine.add_volume(q.name(), q.path());
+      auto v = st ? engine.volume(q.name()) : nullptr;
+      if (!v) fail(&resp, st ? Status::error(ENOENT, "volume add: removed meanwhile") : st);
+      else fill(resp.mutable_add_volume()->mutable_volume(), *v);
+      break;
+    }
+    case link::Request::kRemoveVolume: {
+      Status st = engine.remove_volume(req.remove_volume().name());
+      if (!st) fail(&resp, st); else resp.mutable_remove_volume();
       break;
     }
     case link::Request::kCreate: {

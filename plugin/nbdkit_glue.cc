@@ -22,7 +22,6 @@ nbdsnap::EngineOptions g_options;
 std::string g_control;
 std::unique_ptr<Engine> g_engine;
 std::unique_ptr<nbdsnap::ControlLink> g_link;
-std::string g_default_export;
 
 struct Handle {
   nbdsnap::ExportRef ref;
@@ -93,12 +92,10 @@ int nbdsnap_config(const char* key, const char* value) {
 
 int nbdsnap_config_complete() {
   return guarded("config", [&] {
-    if (g_options.volumes.empty())
-      return report(Status::error(EINVAL, "config: at least one volume=NAME=PATH is required"));
+    if (g_options.volumes.empty() && g_control.empty())
+      return report(Status::error(EINVAL, "config: give volume=NAME=PATH, or control=SOCKET to add volumes later"));
     Status st = g_options.params.validate();
-    if (!st) return report(st);
-    g_default_export = g_options.volumes.front().first;
-    return 0;
+    return st ? 0 : report(st);
   });
 }
 
@@ -146,13 +143,17 @@ int nbdsnap_list_exports(int /*readonly*/, int /*is_tls*/, struct nbdkit_exports
   });
 }
 
-const char* nbdsnap_default_export(int /*readonly*/, int /*is_tls*/) { return g_default_export.c_str(); }
+// The first volume; volumes may be added and removed at run time.
+const char* nbdsnap_default_export(int /*readonly*/, int /*is_tls*/) {
+  auto vols = g_engine->volumes();
+  return nbdkit_strdup_intern(vols.empty() ? "" : vols.front()->name().c_str());
+}
 
 void* nbdsnap_open(int /*readonly*/) {
   Handle* h = nullptr;
   guarded("open", [&] {
     std::string name = nbdkit_export_name() ? nbdkit_export_name() : "";
-    if (name.empty()) name = g_default_export;
+    if (name.empty()) name = nbdsnap_default_export(0, 0);
     auto ref = g_engine->open_export(name);
     if (!ref) return report(ref.status());
     h = new Handle{*ref, name};
@@ -272,7 +273,7 @@ struct nbdkit_plugin make_plugin() {
   p.config = nbdsnap_config;
   p.config_complete = nbdsnap_config_complete;
   p.config_help =
-      "volume=NAME=PATH              (required, repeatable) origin file or block device\n"
+      "volume=NAME=PATH              (repeatable) origin file or block device\n"
       "state=DIR                     metadata directory (CBT maps, snapshot tables)\n"
       "control=SOCKET                Unix socket of the internal control link\n"
       "tracking_block_minimum_shift  (16) smallest CBT block, 2^N bytes\n"

@@ -68,6 +68,10 @@ void Engine::note(const std::string& msg) const {
 
 std::unique_ptr<DiffStorage> Engine::new_storage() const { return options_.storage_factory(); }
 
+std::string Engine::cbt_path(const std::string& volume) const {
+  return options_.state_dir.empty() ? "" : options_.state_dir + "/cbt/" + volume + ".map";
+}
+
 std::string Engine::snapshot_dir(const Uuid& id) const {
   return options_.state_dir.empty() ? "" : options_.state_dir + "/snapshots/" + id.str();
 }
@@ -77,7 +81,6 @@ std::string Engine::snapshot_dir(const Uuid& id) const {
 Status Engine::start() {
   Status st = options_.params.validate();
   if (!st) return st;
-  if (options_.volumes.empty()) return Status::error(EINVAL, "config: no volume (volume=NAME=PATH)");
   const std::string& dir = options_.state_dir;
   bool unclean_reboot = false;
   if (!dir.empty()) {
@@ -105,8 +108,7 @@ Status Engine::start() {
     if (std::find(seen.begin(), seen.end(), name) != seen.end())
       return Status::error(EINVAL, "config: volume " + name + " given twice");
     seen.push_back(name);
-    std::string cbt_path = dir.empty() ? "" : dir + "/cbt/" + name + ".map";
-    auto v = Volume::open(name, path, options_.params, cbt_path, &sequence_);
+    auto v = Volume::open(name, path, options_.params, cbt_path(name), &sequence_);
     if (!v) return v.status();
     if (!dir.empty() && !(*v)->cbt_reset_reason().empty())
       note("volume " + name + ": new CBT generation " + (*v)->cbt().generation().str() + ": " +
@@ -152,7 +154,7 @@ Status Engine::stop() {
     for (auto& [vol, part] : e.parts) keep(part->log.sync());
     e.snapshot->events().close();
   }
-  for (auto& v : volumes_) {
+  for (auto& v : volumes()) {
     keep(v->flush());
     keep(v->cbt().close());
   }
@@ -312,9 +314,13 @@ Status Engine::load_registry() {
 
 // ----------------------------------------------------------------- exports
 
-std::vector<std::shared_ptr<Volume>> Engine::volumes() const { return volumes_; }
+std::vector<std::shared_ptr<Volume>> Engine::volumes() const {
+  std::shared_lock lk(volumes_mu_);
+  return volumes_;
+}
 
 std::shared_ptr<Volume> Engine::volume(const std::string& name) const {
+  std::shared_lock lk(volumes_mu_);
   for (const auto& v : volumes_)
     if (v->name() == name) return v;
   return nullptr;
@@ -341,7 +347,7 @@ Result<ExportRef> Engine::open_export(const std::string& name) const {
 
 std::vector<std::string> Engine::export_names() const {
   std::vector<std::string> out;
-  for (const auto& v : volumes_) out.push_back(v->name());
+  for (const auto& v : volumes()) out.push_back(v->name());
   std::lock_guard lk(mu_);
   std::vector<const Entry*> taken;
   for (const auto& [id, e] : snapshots_)
@@ -352,6 +358,57 @@ std::vector<std::string> Engine::export_names() const {
   for (const Entry* e : taken)
     for (const auto& [vol, part] : e->parts) out.push_back(vol + "@" + e->snapshot->label());
   return out;
+}
+
+Status Engine::add_volume(const std::string& name, const std::string& path) {
+  Status st = check_name("volume", name);
+  if (!st) return st.with_context("volume add");
+  if (path.empty() || path[0] != '/')
+    return Status::error(EINVAL, "volume add " + name + ": path must be absolute");
+  std::lock_guard lk(mu_);
+  if (volume(name)) return Status::error(EEXIST, "volume add: volume \"" + name + "\" exists");
+  auto me = identify(path);
+  if (!me) return Status::from_errno("volume add " + name + ": " + path);
+  for (const auto& v : volumes()) {
+    auto o = identify(v->path());
+    if (o && same_file(*o, *me))
+      return Status::error(EINVAL, "volume add " + name + ": " + path + " is already volume " + v->name());
+  }
+  for (const auto& [id, e] : snapshots_)
+    for (const auto& used : e.snapshot->storage().ranges()) {
+      auto o = identify(used.path);
+      if (o && same_file(*o, *me))
+        return Status::error(EBUSY, "volume add " + name + ": " + path +
+                                        " holds difference storage of snapshot " + e.snapshot->label());
+    }
+  // A new volume has no history: start its CBT map afresh.
+  if (!options_.state_dir.empty()) ::unlink(cbt_path(name).c_str());
+  auto v = Volume::open(name, path, options_.params, cbt_path(name), &sequence_);
+  if (!v) return v.status().with_context("volume add");
+  std::unique_lock wl(volumes_mu_);
+  volumes_.push_back(std::shared_ptr<Volume>(std::move(*v)));
+  return Status::ok();
+}
+
+Status Engine::remove_volume(const std::string& name) {
+  std::lock_guard lk(mu_);
+  auto v = volume(name);
+  if (!v) return Status::error(ENOENT, "volume remove: no such volume \"" + name + "\"");
+  for (const auto& [id, e] : snapshots_) {
+    const auto& vols = e.snapshot->volumes();
+    if (std::find(vols.begin(), vols.end(), name) != vols.end())
+      return Status::error(EBUSY, "volume remove " + name + ": used by snapshot " + e.snapshot->label() +
+                                      (e.snapshot->destroyed ? " (destroyed, kept for an older snapshot)"
+                                                             : " (destroy it first)"));
+  }
+  {
+    std::unique_lock wl(volumes_mu_);
+    volumes_.erase(std::find(volumes_.begin(), volumes_.end(), v));
+  }
+  v->retire();
+  Status st = v->flush();
+  if (!options_.state_dir.empty()) ::unlink(cbt_path(name).c_str());
+  return st.with_context("volume remove " + name);
 }
 
 // --------------------------------------------------------------- snapshots
@@ -422,7 +479,7 @@ Status Engine::check_storage_range(const StorageRange& r, const Snapshot& s) con
   if (r.path.empty()) return Status::ok();
   auto me = identify(r.path);
   if (!me) return Status::from_errno(ctx + ": stat");
-  for (const auto& v : volumes_) {
+  for (const auto& v : volumes()) {
     auto o = identify(v->path());
     if (o && same_file(*o, *me))
       return Status::error(EINVAL, ctx + ": this is the origin of volume " + v->name());

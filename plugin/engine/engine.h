@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <shared_mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -94,6 +95,14 @@ class Engine {
   std::vector<std::shared_ptr<Volume>> volumes() const;
   std::shared_ptr<Volume> volume(const std::string& name) const;
 
+  // Adds a volume while serving (export NAME appears at once). EEXIST name
+  // in use, EINVAL bad name or the same file as another volume, EBUSY the
+  // file holds difference storage.
+  Status add_volume(const std::string& name, const std::string& path);
+  // Removes a volume no snapshot uses (EBUSY otherwise); its export goes away,
+  // open connections get EIO, its CBT history is deleted.
+  Status remove_volume(const std::string& name);
+
   // --- snapshots (id = UUID text or name) ---
   Result<Uuid> create_snapshot(const std::vector<std::string>& volumes, const std::string& name,
                                uint64_t storage_limit);
@@ -130,6 +139,7 @@ class Engine {
   Status save_registry(bool durable);  // requires mu_
   Status load_registry();
   std::string snapshot_dir(const Uuid& id) const;
+  std::string cbt_path(const std::string& volume) const;
   void note(const std::string& msg) const;
   void forget_dropped(const Chain& dropped);  // requires mu_
   std::unique_ptr<DiffStorage> new_storage() const;
@@ -137,7 +147,8 @@ class Engine {
   EngineOptions options_;
   std::atomic<uint32_t> sequence_{1};
   mutable std::mutex mu_;  // serializes control operations
-  std::vector<std::shared_ptr<Volume>> volumes_;     // constant after start
+  mutable std::shared_mutex volumes_mu_;  // guards volumes_ (add/remove at run time)
+  std::vector<std::shared_ptr<Volume>> volumes_;
   std::map<Uuid, Entry> snapshots_;                  // guarded by mu_
   uint64_t next_take_order_ = 1;                     // guarded by mu_
   int lock_fd_ = -1;

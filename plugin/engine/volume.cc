@@ -64,13 +64,21 @@ Volume::~Volume() {
 
 // ---------------------------------------------------------------- origin I/O
 
+Status Volume::usable(const char* op) const {
+  if (retired_.load(std::memory_order_acquire))
+    return Status::error(EIO, std::string(op) + ": volume " + name_ + " was removed");
+  return Status::ok();
+}
+
 Status Volume::read(void* buf, uint64_t length, uint64_t offset) {
+  if (Status st = usable("read"); !st) return st;
   if (!geometry_.contains(offset, length)) return Status::error(EINVAL, "read: beyond the end of the volume");
   return pread_all(fd_, buf, length, offset, "read origin");
 }
 
 template <typename Apply>
 Status Volume::modify(uint64_t offset, uint64_t length, const char* op, Apply&& apply) {
+  if (Status st = usable(op); !st) return st;
   if (!geometry_.contains(offset, length))
     return Status::error(EINVAL, std::string(op) + ": beyond the end of the volume");
   GateGuard guard(gate_);

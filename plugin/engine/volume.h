@@ -62,6 +62,9 @@ class Volume {
   dev_t device() const { return dev_; }
   ino_t inode() const { return ino_; }
 
+  // After removal: every later I/O fails with EIO.
+  void retire() { retired_.store(true, std::memory_order_release); }
+
   // --- export VOLUME (read-write) ---
   Status read(void* buf, uint64_t length, uint64_t offset);
   Status write(const void* buf, uint64_t length, uint64_t offset, bool fua);
@@ -108,6 +111,7 @@ class Volume {
   static Hit resolve(const Chain& chain, size_t from, ChunkIndex c);
   static size_t position(const Chain& chain, const SnapshotPart* part);
   Status readable(const SnapshotPart& part) const;
+  Status usable(const char* op) const;
   Status read_piece(const SnapshotPart& part, const Piece& p, char* buf);
   Status origin_extents(uint64_t length, uint64_t offset, std::vector<Extent>* out);
   uint32_t frozen_stamp(const Chain& chain, size_t pos, CbtBlockIndex b, uint64_t taken_seq) const;
@@ -123,6 +127,7 @@ class Volume {
   ino_t ino_ = 0;
   std::string cbt_reset_reason_;
 
+  std::atomic<bool> retired_{false};
   CbtMap cbt_;
   WriteGate gate_;
   ChunkLocks locks_;

@@ -133,4 +133,34 @@ TEST_F(Exports, NbdinfoListShowsVolumeAndSnapshotExportsUntilDestroy) {
 }
 
 }  // namespace
+TEST_F(Exports, VolumeAddedThroughTheLinkIsServedAndRemovedAgain) {
+  make_sparse_file(path("extra.img"), 1 * MiB);
+  link::Request add;
+  add.mutable_add_volume()->set_name("extra");
+  add.mutable_add_volume()->set_path(path("extra.img"));
+  auto added = call(add);
+  ASSERT_TRUE(IsOk(added));
+  EXPECT_EQ(added->add_volume().volume().size(), 1 * MiB);
+
+  std::string err;
+  NbdPtr h = open("extra", {}, &err);
+  ASSERT_TRUE(h) << err;
+  std::vector<char> out(4096, 'x'), in(4096);
+  ASSERT_NE(nbd_pwrite(h.get(), out.data(), out.size(), 8192, 0), -1) << nbd_get_error();
+  ASSERT_EQ(nbd_read_all(h.get(), in.data(), in.size(), 8192), "");
+  EXPECT_EQ(in, out);
+
+  auto again = call(add);
+  EXPECT_FALSE(again.is_ok());
+  EXPECT_EQ(again.status().code(), EEXIST);
+
+  link::Request remove;
+  remove.mutable_remove_volume()->set_name("extra");
+  ASSERT_TRUE(IsOk(call(remove)));
+  EXPECT_EQ(nbd_pread(h.get(), in.data(), in.size(), 0, 0), -1) << "an open connection gets EIO";
+  EXPECT_EQ(nbd_get_errno(), EIO);
+  NbdPtr gone = open("extra", {}, &err);
+  EXPECT_FALSE(gone) << "the export is gone";
+}
+
 }  // namespace nbdsnap::it

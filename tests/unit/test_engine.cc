@@ -189,13 +189,43 @@ TEST(Engine, StartRejectsBadVolumeConfigurations) {
     Engine e(o);
     return e.start();
   };
-  EXPECT_ERRNO(start({}), EINVAL);
+  EXPECT_OK(start({}));  // a control plane adds volumes later
   EXPECT_ERRNO(start({{"a", a}, {"b", a}}), EINVAL);  // the same file twice
   EXPECT_ERRNO(start({{"a", a}, {"a", dir.file("a.img")}}), EINVAL);
   EXPECT_ERRNO(start({{"bad/name", a}}), EINVAL);
   EXPECT_ERRNO(start({{"a", dir.file("missing.img")}}), ENOENT);
   EXPECT_ERRNO(start({{"a", empty}}), EINVAL);
   EXPECT_OK(start({{"a", a}}));
+}
+
+TEST(Engine, VolumesCanBeAddedAndRemovedWhileServing) {
+  Harness h;
+  Engine& e = h.engine();
+  std::string b = test::make_file(h.dir().file("b.img"), 1 * kMiB);
+  ASSERT_OK(e.add_volume("b", b));
+  auto names = e.export_names();
+  EXPECT_NE(std::find(names.begin(), names.end(), "b"), names.end());
+  auto ref = test::must(e.open_export("b"));
+  ASSERT_OK(ref.volume->write(pattern(4 * kKiB, 7).data(), 4 * kKiB, 0, false));
+  EXPECT_EQ(test::read_raw(b, 0, 4 * kKiB), pattern(4 * kKiB, 7));
+
+  EXPECT_ERRNO(e.add_volume("b", b), EEXIST);
+  EXPECT_ERRNO(e.add_volume("c", b), EINVAL);  // the same file as volume b
+  EXPECT_ERRNO(e.add_volume("c", h.volume_path()), EINVAL);
+  EXPECT_ERRNO(e.add_volume("c", "relative.img"), EINVAL);
+  EXPECT_ERRNO(e.add_volume("c", h.dir().file("missing.img")), ENOENT);
+  EXPECT_ERRNO(e.add_volume("bad@name", b), EINVAL);
+
+  // A snapshot on b keeps it; once destroyed, b can go.
+  test::must(e.create_snapshot({"b"}, "sb", 0));
+  EXPECT_ERRNO(e.remove_volume("b"), EBUSY);
+  ASSERT_OK(e.destroy("sb"));
+  ASSERT_OK(e.remove_volume("b"));
+  EXPECT_ERRNO(e.open_export("b").status(), ENOENT);
+  std::vector<char> buf(4 * kKiB);
+  EXPECT_ERRNO(ref.volume->read(buf.data(), buf.size(), 0), EIO) << "open connections fail after removal";
+  EXPECT_ERRNO(ref.volume->write(buf.data(), buf.size(), 0, false), EIO);
+  EXPECT_ERRNO(e.remove_volume("b"), ENOENT);
 }
 
 // ------------------------------------------------------------ persistence
