@@ -37,6 +37,7 @@ void fill(link::SnapshotInfo* out, const SnapshotInfo& i) {
   out->set_storage_used(i.storage.used);
   out->set_storage_limit(i.storage_limit);
   out->set_chunks_copied(i.chunks_copied);
+  out->set_retained(i.retained);
 }
 
 void fill(link::VolumeInfo* vi, const Volume& v) {
@@ -109,7 +110,7 @@ link::Response handle_request(Engine& engine, const link::Request& req) {
     }
     case link::Request::kCollect: {
       auto* r = resp.mutable_collect();
-      for (const auto& i : engine.collect()) fill(r->add_snapshots(), i);
+      for (const auto& i : engine.collect(req.collect().include_retained())) fill(r->add_snapshots(), i);
       break;
     }
     case link::Request::kWaitEvent: {

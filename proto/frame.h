@@ -13,6 +13,7 @@ namespace nbdsnap {
 
 constexpr uint32_t kMaxFrame = 4u << 20;  // 4 MiB
 constexpr uint32_t kLinkProtocol = 1;
+constexpr uint32_t kApiProtocol = 1;  // proto/api.proto
 
 enum class FrameResult { kOk, kEof, kTooLarge, kMalformed, kIoError };
 

@@ -578,11 +578,18 @@ Result<SnapshotInfo> Engine::info(const std::string& id) const {
   return describe(**s);
 }
 
-std::vector<SnapshotInfo> Engine::collect() const {
+std::vector<SnapshotInfo> Engine::collect(bool include_retained) const {
   std::lock_guard lk(mu_);
   std::vector<SnapshotInfo> out;
-  for (const auto& [id, e] : snapshots_)
-    if (!e.snapshot->destroyed) out.push_back(describe(*e.snapshot));
+  for (const auto& [id, e] : snapshots_) {
+    if (!e.snapshot->destroyed) {
+      out.push_back(describe(*e.snapshot));
+    } else if (include_retained) {
+      out.push_back(describe(*e.snapshot));
+      out.back().retained = true;
+      out.back().exports.clear();
+    }
+  }
   return out;
 }
 

@@ -55,6 +55,7 @@ struct SnapshotInfo {
   StorageUsage storage;
   uint64_t storage_limit = 0;
   uint64_t chunks_copied = 0;
+  bool retained = false;  // destroyed; storage still in use
 };
 
 struct TakeResult {
@@ -109,7 +110,9 @@ class Engine {
   Status append_storage(const std::string& id, const std::vector<StorageRange>& ranges);
   Result<TakeResult> take(const std::string& id);
   Result<SnapshotInfo> info(const std::string& id) const;
-  std::vector<SnapshotInfo> collect() const;
+  // Live snapshots; with include_retained also destroyed ones whose parts
+  // older snapshots still read through (SnapshotInfo::retained).
+  std::vector<SnapshotInfo> collect(bool include_retained = false) const;
   // nullopt: the timeout passed.
   Result<std::optional<Event>> wait_event(const std::string& id, uint32_t timeout_ms);
   Status destroy(const std::string& id);

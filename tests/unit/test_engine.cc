@@ -198,6 +198,27 @@ TEST(Engine, StartRejectsBadVolumeConfigurations) {
   EXPECT_OK(start({{"a", a}}));
 }
 
+TEST(Engine, DestroyedSnapshotReadByAnOlderOneIsRetainedUntilTheOlderGoes) {
+  Harness h;
+  Engine& e = h.engine();
+  for (const char* name : {"old", "new"}) {
+    test::must(e.create_snapshot({"vol"}, name, 0));
+    ASSERT_OK(e.append_storage(name, {StorageRange{"", 0, 4 * kChunk}}));
+    test::must(e.take(name));
+  }
+  auto retained = [&] {
+    std::vector<std::string> out;
+    for (const auto& i : e.collect(true))
+      if (i.retained) out.push_back(i.name);
+    return out;
+  };
+  ASSERT_OK(e.destroy("new"));
+  EXPECT_EQ(retained(), std::vector<std::string>{"new"});
+  EXPECT_EQ(e.collect().size(), 1u) << "only live snapshots without include_retained";
+  ASSERT_OK(e.destroy("old"));
+  EXPECT_TRUE(e.collect(true).empty()) << "nothing reads through 'new' any more";
+}
+
 TEST(Engine, VolumesCanBeAddedAndRemovedWhileServing) {
   Harness h;
   Engine& e = h.engine();
