@@ -1,12 +1,9 @@
 #include "link_client.h"
 
-#include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
-#include <cstring>
-
 #include "frame.h"
+#include "unix_socket.h"
 
 namespace nbdsnap {
 
@@ -20,17 +17,9 @@ void LinkClient::close() {
 Status LinkClient::connect(const std::string& path) {
   close();
   path_ = path;
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  if (path.size() >= sizeof addr.sun_path) return Status::error(ENAMETOOLONG, "connect " + path + ": path too long");
-  std::strcpy(addr.sun_path, path.c_str());
-  fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd_ < 0) return Status::from_errno("connect " + path + ": socket");
-  if (::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    Status st = Status::from_errno("connect " + path);
-    close();
-    return st;
-  }
+  auto fd = connect_unix(path);
+  if (!fd) return fd.status();
+  fd_ = *fd;
   return Status::ok();
 }
 
