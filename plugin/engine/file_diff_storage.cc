@@ -15,6 +15,8 @@ class FileDiffStorage final : public DiffStorage {
  public:
   ~FileDiffStorage() override {
     for (int fd : fds_) ::close(fd);
+    for (int fd : direct_fds_)
+      if (fd >= 0) ::close(fd);
   }
 
   Status append(const StorageRange& r) override {
@@ -26,14 +28,22 @@ class FileDiffStorage final : public DiffStorage {
     for (size_t i = 0; i < paths_.size(); ++i)
       if (paths_[i] == r.path) fd = fds_[i];
     bool opened = false;
+    int direct_fd = -1;
+    for (size_t i = 0; i < paths_.size(); ++i)
+      if (paths_[i] == r.path) direct_fd = direct_fds_[i];
     if (fd < 0) {
       fd = ::open(r.path.c_str(), O_RDWR | O_CLOEXEC);
       if (fd < 0) return Status::from_errno(ctx + ": open");
+      // Slot writes bypass the page cache: the old data is written once and
+      // read rarely, and filling fresh cache pages was the cost of first-touch
+      // copies. Reads stay buffered. No O_DIRECT support: buffered writes.
+      direct_fd = ::open(r.path.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
       opened = true;
     }
     auto size = file_size(fd);
     if (!size || r.offset > *size || r.length > *size - r.offset) {
       if (opened) ::close(fd);
+      if (opened && direct_fd >= 0) ::close(direct_fd);
       if (!size) return size.status().with_context(ctx);
       return Status::error(EINVAL, ctx + ": range " + std::to_string(r.offset) + ":" +
                                        std::to_string(r.length) + " beyond its end (size " +
@@ -49,19 +59,23 @@ class FileDiffStorage final : public DiffStorage {
         errno != EOPNOTSUPP) {
       Status err = Status::from_errno(ctx + ": preallocate");
       if (opened) ::close(fd);
+      if (opened && direct_fd >= 0) ::close(direct_fd);
       return err;
     }
     auto idx = alloc_.add(r.length, [&](size_t i) {
       range_fd_[i] = fd;
+      range_direct_fd_[i] = direct_fd;
       range_offset_[i] = r.offset;
     });
     if (!idx) {
       if (opened) ::close(fd);
+      if (opened && direct_fd >= 0) ::close(direct_fd);
       return idx.status();
     }
     if (opened) {
       paths_.push_back(r.path);
       fds_.push_back(fd);
+      direct_fds_.push_back(direct_fd);
     }
     ranges_.push_back(r);
     return Status::ok();
@@ -73,8 +87,11 @@ class FileDiffStorage final : public DiffStorage {
     SlotAllocator::Located at;
     if (!alloc_.locate(slot, 0, length, &at))
       return Status::error(EINVAL, "write slot: address outside storage");
-    return pwrite_all(range_fd_[at.range], buf, length, range_offset_[at.range] + at.range_offset,
-                      "write slot");
+    uint64_t offset = range_offset_[at.range] + at.range_offset;
+    int direct = range_direct_fd_[at.range];
+    bool aligned = direct >= 0 && length % kStorageUnit == 0 && offset % kStorageUnit == 0 &&
+                   reinterpret_cast<uintptr_t>(buf) % kStorageUnit == 0;
+    return pwrite_all(aligned ? direct : range_fd_[at.range], buf, length, offset, "write slot");
   }
 
   Status read(SlotAddress slot, uint64_t offset, void* buf, uint64_t length) override {
@@ -108,9 +125,11 @@ class FileDiffStorage final : public DiffStorage {
   // Indexed by range; written before the range is published by alloc_.add.
   std::array<int, SlotAllocator::kMaxRanges> range_fd_{};
   std::array<uint64_t, SlotAllocator::kMaxRanges> range_offset_{};
+  std::array<int, SlotAllocator::kMaxRanges> range_direct_fd_{};  // -1: none
   mutable std::mutex mu_;
   std::vector<std::string> paths_;  // guarded by mu_
   std::vector<int> fds_;            // guarded by mu_
+  std::vector<int> direct_fds_;     // guarded by mu_; O_DIRECT twins of fds_ (-1: none)
   std::vector<StorageRange> ranges_;
 };
 
