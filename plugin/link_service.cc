@@ -5,7 +5,7 @@
 namespace nbdsnap {
 namespace {
 
-constexpr uint32_t kMaxMapBlocks = 1u << 20;  // 4 MiB of stamps per reply
+constexpr uint32_t kMaxMapBlocks = 1u << 19;  // varint stamps <= 5 bytes: 2.5 MiB, under kMaxFrame
 
 void fail(link::Response* r, const Status& st) {
   r->clear_reply();

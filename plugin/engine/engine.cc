@@ -68,6 +68,16 @@ void Engine::note(const std::string& msg) const {
 
 std::unique_ptr<DiffStorage> Engine::new_storage() const { return options_.storage_factory(); }
 
+uint64_t Engine::volumes_bytes(const std::vector<std::string>& names) const {
+  uint64_t total = 0;
+  for (const auto& n : names) {
+    auto v = volume(n);
+    if (!v) return UINT64_MAX;  // unknown size: keep the warnings
+    total += v->size();
+  }
+  return total;
+}
+
 std::string Engine::cbt_path(const std::string& volume) const {
   return options_.state_dir.empty() ? "" : options_.state_dir + "/cbt/" + volume + ".map";
 }
@@ -248,7 +258,7 @@ Status Engine::load_registry() {
     if (!id) return Status::error(EBADMSG, "load registry: bad snapshot id");
     std::vector<std::string> vols(r.volumes().begin(), r.volumes().end());
     auto snap = std::make_shared<Snapshot>(*id, r.name(), vols, new_storage(), r.storage_limit(),
-                                           options_.params);
+                                           options_.params, volumes_bytes(vols));
     std::string ctx = "snapshot " + id->str();
     Status problem;
     for (const auto& sr : r.storage()) {
@@ -462,7 +472,8 @@ Result<Uuid> Engine::create_snapshot(const std::vector<std::string>& vols, const
     fs::create_directories(snapshot_dir(id), ec);
     if (ec) return Status::error(ec.value(), "create: " + snapshot_dir(id) + ": " + ec.message());
   }
-  auto snap = std::make_shared<Snapshot>(id, name, sorted, new_storage(), storage_limit, options_.params);
+  auto snap = std::make_shared<Snapshot>(id, name, sorted, new_storage(), storage_limit, options_.params,
+                                         volumes_bytes(sorted));
   snapshots_.emplace(id, Entry{snap, {}});
   Status st = save_registry(true);
   if (!st) {

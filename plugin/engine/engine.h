@@ -143,6 +143,7 @@ class Engine {
   Status load_registry();
   std::string snapshot_dir(const Uuid& id) const;
   std::string cbt_path(const std::string& volume) const;
+  uint64_t volumes_bytes(const std::vector<std::string>& names) const;
   void note(const std::string& msg) const;
   void forget_dropped(const Chain& dropped);  // requires mu_
   std::unique_ptr<DiffStorage> new_storage() const;

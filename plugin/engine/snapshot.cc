@@ -14,13 +14,15 @@ const char* state_name(SnapshotState s) {
 }
 
 Snapshot::Snapshot(Uuid id, std::string name, std::vector<std::string> volumes,
-                   std::unique_ptr<DiffStorage> storage, uint64_t storage_limit, const Params& params)
+                   std::unique_ptr<DiffStorage> storage, uint64_t storage_limit, const Params& params,
+                   uint64_t volumes_bytes)
     : id_(id),
       name_(std::move(name)),
       volumes_(std::move(volumes)),
       storage_(std::move(storage)),
       storage_limit_(storage_limit),
-      minimum_bytes_(params.diff_storage_minimum_bytes()) {}
+      minimum_bytes_(params.diff_storage_minimum_bytes()),
+      volumes_bytes_(volumes_bytes) {}
 
 void Snapshot::set_taken(uint64_t sequence, uint64_t take_order) {
   sequence_ = sequence;
@@ -60,6 +62,7 @@ Status Snapshot::error() const {
 
 void Snapshot::check_free_space() {
   StorageUsage u = storage_->usage();
+  if (u.capacity >= volumes_bytes_) return;  // room for every chunk: cannot run out
   uint64_t free = u.capacity > u.used ? u.capacity - u.used : 0;
   if (free >= minimum_bytes_ / 2) return;
   if (!space_signal_armed_.exchange(false)) return;

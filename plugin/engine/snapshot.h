@@ -32,8 +32,11 @@ const char* state_name(SnapshotState s);
 
 class Snapshot {
  public:
+  // volumes_bytes: total size of the volumes; storage that large can never
+  // run out, so it raises no free-space event.
   Snapshot(Uuid id, std::string name, std::vector<std::string> volumes,
-           std::unique_ptr<DiffStorage> storage, uint64_t storage_limit, const Params& params);
+           std::unique_ptr<DiffStorage> storage, uint64_t storage_limit, const Params& params,
+           uint64_t volumes_bytes = UINT64_MAX);
 
   // Constant after construction.
   const Uuid& id() const { return id_; }
@@ -73,6 +76,7 @@ class Snapshot {
   const std::unique_ptr<DiffStorage> storage_;
   const uint64_t storage_limit_;
   const uint64_t minimum_bytes_;
+  const uint64_t volumes_bytes_;
   std::atomic<SnapshotState> state_{SnapshotState::kCreated};
   std::atomic<uint64_t> sequence_{0};
   std::atomic<uint64_t> take_order_{0};

@@ -253,6 +253,21 @@ TEST(SnapshotEvents, NoSpaceAtTheStorageLimit) {
   EXPECT_EQ(test::must(h.engine().info("s1")).storage_limit, 2 * kChunk);
 }
 
+TEST(SnapshotEvents, StorageAsLargeAsTheVolumesNeverWarns) {
+  Harness h;  // diff_storage_minimum is far larger than kVolumeSize
+  ASSERT_OK(h.write(0, pattern(kVolumeSize, 1)));
+  uint64_t room = (kVolumeSize + kStorageUnit - 1) / kStorageUnit * kStorageUnit + kStorageUnit;
+  ASSERT_OK(h.engine().create_snapshot({"vol"}, "s1", room));
+  ASSERT_OK(h.engine().append_storage("s1", {StorageRange{"", 0, room}}));
+  ASSERT_OK(h.engine().take("s1"));
+  ASSERT_OK(h.write(0, pattern(kVolumeSize, 2)));  // copies every chunk
+  EXPECT_FALSE(test::must(h.engine().wait_event("s1", 0)).has_value())
+      << "storage the size of the volume cannot run out: no low-free-space or no-space";
+  auto info = test::must(h.engine().info("s1"));
+  EXPECT_EQ(info.state, SnapshotState::kTaken);
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), pattern(kVolumeSize, 1));
+}
+
 TEST(SnapshotEvents, WaitEventTimesOutAfterRoughlyTheTimeoutInMilliseconds) {
   Harness h;
   h.snapshot("s1");
