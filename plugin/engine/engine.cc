@@ -485,11 +485,22 @@ Result<Uuid> Engine::create_snapshot(const std::vector<std::string>& vols, const
 
 Status Engine::check_storage_range(const StorageRange& r, const Snapshot& s) const {
   std::string ctx = "append-storage " + r.path + " " + std::to_string(r.offset) + ":" + std::to_string(r.length);
+  if (r.offset % kStorageUnit || r.length % kStorageUnit || r.length == 0)
+    return Status::error(EINVAL, ctx + ": offset and length must be multiples of 4096 (length > 0)");
   // An empty path is memory storage (StorageRange): no file that could be an
   // origin or overlap another range. File storage itself rejects "" (open).
   if (r.path.empty()) return Status::ok();
   auto me = identify(r.path);
   if (!me) return Status::from_errno(ctx + ": stat");
+  {
+    int fd = ::open(r.path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return Status::from_errno(ctx + ": open");
+    auto size = file_size(fd);
+    ::close(fd);
+    if (!size) return size.status().with_context(ctx);
+    if (r.offset > *size || r.length > *size - r.offset)
+      return Status::error(EINVAL, ctx + ": beyond the end of the file (size " + std::to_string(*size) + ")");
+  }
   for (const auto& v : volumes()) {
     auto o = identify(v->path());
     if (o && same_file(*o, *me))
@@ -524,11 +535,19 @@ Status Engine::append_storage(const std::string& id, const std::vector<StorageRa
         return Status::error(EBUSY, "append-storage: ranges " + std::to_string(i) + " and " +
                                         std::to_string(j) + " overlap");
   }
+  // Check every range before appending any: a request is all or nothing.
   for (const auto& r : ranges) {
     Status st = check_storage_range(r, snap);
     if (!st) return st;
-    st = snap.storage().append(r);
-    if (!st) return st;
+  }
+  for (const auto& r : ranges) {
+    Status st = snap.storage().append(r);
+    if (!st) {
+      // Only a failure the checks cannot foresee gets here (open, fallocate):
+      // keep what was appended, recorded, rather than lose track of it.
+      (void)save_registry(true);
+      return st;
+    }
   }
   snap.storage_appended();
   return save_registry(true).with_context("append-storage");

@@ -219,6 +219,23 @@ TEST(Engine, DestroyedSnapshotReadByAnOlderOneIsRetainedUntilTheOlderGoes) {
   EXPECT_TRUE(e.collect(true).empty()) << "nothing reads through 'new' any more";
 }
 
+Harness::Options persistent();  // below, with the persistence tests
+
+TEST(Engine, AppendStorageIsAllOrNothing) {
+  Harness h(persistent());
+  Engine& e = h.engine();
+  std::string file = test::make_file(h.dir().file("diff.img"), 1 * kMiB);
+  test::must(e.create_snapshot({"vol"}, "s1", 0));
+  // The second range is beyond the end of the file: nothing is appended.
+  EXPECT_ERRNO(e.append_storage("s1", {StorageRange{file, 0, 64 * kKiB}, StorageRange{file, 2 * kMiB, 64 * kKiB}}),
+               EINVAL);
+  EXPECT_EQ(test::must(e.info("s1")).storage.capacity, 0u);
+  EXPECT_ERRNO(e.append_storage("s1", {StorageRange{file, 0, 64 * kKiB}, StorageRange{file, 512 * kKiB + 100, 4096}}), EINVAL);
+  EXPECT_EQ(test::must(e.info("s1")).storage.capacity, 0u);
+  ASSERT_OK(e.append_storage("s1", {StorageRange{file, 0, 64 * kKiB}, StorageRange{file, 128 * kKiB, 64 * kKiB}}));
+  EXPECT_EQ(test::must(e.info("s1")).storage.capacity, 128 * kKiB);
+}
+
 TEST(Engine, VolumesCanBeAddedAndRemovedWhileServing) {
   Harness h;
   Engine& e = h.engine();
