@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The main job on a default setup: installs what is missing, builds, then
-# serves a demo volume through nbdkit + the nbdsnap plugin, writes data,
-# takes a snapshot through the control link, changes the origin, shows that
-# the snapshot export keeps the old bytes and what change tracking reports,
-# backs the snapshot up with nbdcopy and checks the copy, then destroys the
-# snapshot. Everything listens on Unix sockets in a temporary directory.
+# starts nbdsnapd (which runs nbdkit + the nbdsnap plugin) on a demo volume,
+# writes data, takes a snapshot with the nbdsnap CLI, shows the exports with
+# nbdinfo, changes the origin, shows that the snapshot export keeps the old
+# bytes and what change tracking reports, backs the snapshot up with nbdcopy
+# and verifies the copy, then destroys the snapshot and stops the daemon.
+# Everything listens on Unix sockets in a temporary directory.
 #
 #   scripts/demo.sh [--keep]      (--keep leaves the demo directory behind)
 set -euo pipefail
@@ -18,14 +19,15 @@ echo "building in $build (scripts/setup.sh)"
 
 # Debian's python3 has the libnbd module (a pyenv python3 may not).
 export PATH=/usr/bin:$PATH
-plugin=$build/plugin/nbdkit-nbdsnap-plugin.so
-link() { "$build/client/nbdsnap-link" --socket "$dir/control.sock" "$@"; }
+dir=$(mktemp -d "${TMPDIR:-/tmp}/nbdsnap-demo.XXXXXX")
+export NBDSNAP_API=$dir/api.sock
+nbdsnap() { "$build/client/nbdsnap" "$@"; }
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 step() { printf '\n== %s\n' "$*"; }
 
-dir=$(mktemp -d "${TMPDIR:-/tmp}/nbdsnap-demo.XXXXXX")
-nbdkit_pid=
+daemon_pid=
 cleanup() {
-  [ -n "$nbdkit_pid" ] && kill "$nbdkit_pid" 2>/dev/null && wait "$nbdkit_pid" 2>/dev/null
+  if [ -n "$daemon_pid" ]; then kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null; fi
   if [ $keep = 1 ]; then echo "demo files kept in $dir"; else rm -rf "$dir"; fi
 }
 trap cleanup EXIT
@@ -33,28 +35,27 @@ trap cleanup EXIT
 vol="nbd+unix:///vol0?socket=$dir/nbd.sock"
 snap="nbd+unix:///vol0@demo?socket=$dir/nbd.sock"
 
-step "create a 256 MiB volume and 64 MiB of difference storage in $dir"
+step "create a 256 MiB demo volume in $dir"
 truncate -s 256M "$dir/vol0.img"
-truncate -s 64M "$dir/diff.img"
 
-step "serve it: nbdkit + nbdsnap plugin on a Unix socket"
-echo "nbdkit -f -U $dir/nbd.sock $plugin volume=vol0=$dir/vol0.img state=$dir/state control=$dir/control.sock"
-nbdkit -f -U "$dir/nbd.sock" "$plugin" volume=vol0="$dir/vol0.img" \
-  state="$dir/state" control="$dir/control.sock" 2>"$dir/nbdkit.log" &
-nbdkit_pid=$!
-for _ in $(seq 100); do [ -S "$dir/nbd.sock" ] && [ -S "$dir/control.sock" ] && break; sleep 0.1; done
-link version
+step "start nbdsnapd: API on $dir/api.sock, NBD on $dir/nbd.sock"
+echo "nbdsnapd --foreground --state-dir $dir/state --api-socket $dir/api.sock --nbd-socket $dir/nbd.sock --volume vol0=$dir/vol0.img --param diff_storage_minimum=131072"
+"$build/server/nbdsnapd" --foreground --state-dir "$dir/state" --api-socket "$dir/api.sock" \
+  --nbd-socket "$dir/nbd.sock" --plugin "$build/plugin/nbdkit-nbdsnap-plugin.so" \
+  --volume vol0="$dir/vol0.img" --param diff_storage_minimum=131072 2>"$dir/nbdsnapd.log" &
+daemon_pid=$!
+for _ in $(seq 100); do nbdsnap version >/dev/null 2>&1 && break; sleep 0.1; done
+nbdsnap version
+nbdsnap volume list
 
 step "write 8 MiB of 0xaa at offset 0 over NBD (qemu-io)"
 qemu-io -f raw -c 'write -P 0xaa 0 8M' "$vol" | head -1
 
-step "create and take snapshot 'demo'"
-id=$(link create vol0 --name demo)
-echo "snapshot id $id"
-link append-storage demo "$dir/diff.img" 0:64M
-link take demo
-gen=$(link --json cbt-info vol0 | python3 -c 'import json,sys; print(json.load(sys.stdin)["cbt_info"]["generation"])')
-seq=$(link --json info demo | python3 -c 'import json,sys; print(json.load(sys.stdin)["info"]["snapshot"]["sequence"])')
+step "create and take snapshot 'demo' (managed difference storage)"
+nbdsnap snapshot create vol0 --name demo
+nbdsnap snapshot take demo
+gen=$(nbdsnap --json cbt info vol0 | json 'd["generation"]')
+seq=$(nbdsnap --json snapshot info demo | json 'd["sequence"]')
 cp --sparse=always "$dir/vol0.img" "$dir/expected.img"   # what the snapshot must show
 
 step "nbdinfo --list: the volume and its snapshot export"
@@ -69,17 +70,17 @@ echo "origin now:"
 qemu-io -r -f raw -c 'read -P 0x55 4M 1M' "$vol" | grep -E 'read|fail'
 
 step "change tracking: what changed since the snapshot (generation $gen, sequence $seq)"
-link cbt-changes vol0 --since "$gen:$seq"
+nbdsnap cbt changes vol0 --since "$gen:$seq"
 echo "the snapshot's own view, since the beginning:"
-link cbt-changes vol0 --since "$gen:0" --snapshot demo
+nbdsnap cbt changes vol0 --since "$gen:0" --snapshot demo
 
 step "back the snapshot up over NBD (nbdcopy) and check the copy"
 nbdcopy "$snap" "$dir/backup.img"
 qemu-img compare -f raw -F raw "$dir/backup.img" "$dir/expected.img"
-link info demo
+nbdsnap snapshot info demo
 
 step "destroy the snapshot"
-link destroy demo
+nbdsnap snapshot destroy demo
 nbdinfo --list "nbd+unix:///?socket=$dir/nbd.sock" | grep -E '^export='
 echo
 echo "demo complete: served, snapshotted, tracked and backed up."
