@@ -86,7 +86,6 @@ class SlotAllocator {
   bool locate(SlotAddress slot, uint64_t offset, uint64_t length, Located* out) const;
   StorageUsage usage() const;
   void restore(uint64_t end, uint64_t used);
-  size_t range_count() const { return count_.load(std::memory_order_acquire); }
 
  private:
   Result<size_t> reserve(uint64_t length);  // requires mu_
