@@ -42,6 +42,7 @@ struct CliIo {
   std::ostream& err;
   std::string env_api;  // NBDSNAP_API, "" if unset
   ApiConnector connector;
+  bool err_is_tty = false;  // progress lines of long commands go to `err`
 };
 
 int run(const std::vector<std::string>& args, CliIo& io);
@@ -69,6 +70,11 @@ struct CommandContext {
   // Prints one JSON object and a newline on stdout; returns 0.
   int print_json(const Json& value);
 };
+
+// Handlers of backup, restore and verify (cli_backup.cc).
+int cmd_backup(CommandContext& ctx);
+int cmd_restore(CommandContext& ctx);
+int cmd_verify(CommandContext& ctx);
 
 // "." and "" components dropped, ".." kept (symlinks), made absolute
 // against the current directory.

@@ -90,17 +90,20 @@ std::string CommandSpec::synopsis() const {
   std::string s = path();
   if (!args.empty()) s += " " + std::string(args);
   for (const auto& o : options) {
-    std::string one = std::string(o.name) + " " + std::string(o.value);
+    std::string one = o.value.empty() ? std::string(o.name) : std::string(o.name) + " " + std::string(o.value);
     s += o.required ? " " + one : " [" + one + "]";
   }
   return s;
 }
 
-size_t CommandSpec::min_args() const { return words(args).size(); }
+size_t CommandSpec::min_args() const {
+  auto w = words(args);
+  return static_cast<size_t>(std::count_if(w.begin(), w.end(), [](std::string_view a) { return a[0] != '['; }));
+}
 
 size_t CommandSpec::max_args() const {
   auto w = words(args);
-  if (!w.empty() && ends_with(w.back(), "...")) return SIZE_MAX;
+  if (!w.empty() && (ends_with(w.back(), "...") || ends_with(w.back(), "...]"))) return SIZE_MAX;
   return w.size();
 }
 
@@ -175,8 +178,15 @@ ParsedArgs parse_args(const std::vector<std::string>& argv) {
         flag(&p.json);
       } else if (name == "--api") {
         if (auto v = value()) p.api = *v;
-      } else if (p.command && p.command->option(name)) {
-        auto v = value();
+      } else if (const OptionSpec* o = p.command ? p.command->option(name) : nullptr) {
+        std::optional<std::string> v;
+        if (o->value.empty()) {
+          bool set = false;
+          flag(&set);
+          v = "";
+        } else {
+          v = value();
+        }
         if (v && !p.options.emplace(name, *v).second) fail(name + " given twice");
       } else {
         fail("unknown option " + name);
@@ -251,7 +261,8 @@ std::string help_text(const GroupSpec* group, const CommandSpec* command) {
       o << "\noptions:\n";
       std::vector<std::pair<std::string, std::string_view>> rows;
       for (const auto& opt : command->options)
-        rows.emplace_back(std::string(opt.name) + " " + std::string(opt.value), opt.help);
+        rows.emplace_back(opt.value.empty() ? std::string(opt.name) : std::string(opt.name) + " " + std::string(opt.value),
+                          opt.help);
       o << table(rows);
     }
     o << "\noutput:\n" << wrap(command->output, 2);

@@ -24,7 +24,7 @@ using Handler = int (*)(CommandContext& ctx);
 
 struct OptionSpec {
   std::string_view name;   // "--name"
-  std::string_view value;  // "NAME"; every option takes a value
+  std::string_view value;  // "NAME"; empty: a flag that takes no value (stored as "")
   std::string_view help;
   bool required = false;
 };
@@ -34,7 +34,8 @@ struct CommandSpec {
   std::string_view name;   // "create"
   // Positional arguments as shown in the usage: "ID PATH OFFSET:LENGTH...".
   // Each word is one argument; a final word ending in "..." repeats (one or
-  // more). The argument count checks come from this string.
+  // more); words in brackets ("[SNAPSHOT]") are optional and come last. The
+  // argument count checks come from this string.
   std::string_view args;
   std::vector<OptionSpec> options;
   std::string_view summary;  // one line, for command lists

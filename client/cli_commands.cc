@@ -617,6 +617,65 @@ const std::vector<CommandSpec>& commands() {
        "Stamps the ranges as changed at the current sequence number, as a write would (after a restore, or "
        "writes done outside nbdsnap).",
        "Nothing.\n--json: {}.", cmd_cbt_mark_dirty},
+
+      {"", "backup", "[SNAPSHOT]",
+       {{"--to", "DIR", "the backup directory (created if missing; one directory per volume)", true},
+        {"--uri", "URI",
+         "read from this NBD URI: a plain export (without SNAPSHOT; always a full backup), or the snapshot's "
+         "export by another way, e.g. over TCP (with SNAPSHOT)"},
+        {"--volume", "NAME", "the volume to back up when SNAPSHOT covers several"},
+        {"--full", "", "a full backup even when an incremental one is possible"},
+        {"--connections", "N", "NBD connections (default 4 when the server offers multi-conn, else 1)"},
+        {"--tls-psk", "FILE", "TLS with this pre-shared key file (NAME:HEXKEY lines), required then"},
+        {"--tls-username", "NAME", "the PSK identity (default: the first in the file)"},
+        {"--block-size", "SIZE", "checksum block of a plain export (default 64K); a snapshot uses its CBT block"}},
+       "back up a snapshot (full or incremental) into a qcow2 chain",
+       "Reads the snapshot's export VOLUME@SNAPSHOT over NBD (several connections, many requests in flight, "
+       "holes skipped, zero blocks not stored) and writes DIR/backup-NNNN.qcow2 through qemu-nbd, plus its "
+       "manifest DIR/backup-NNNN.json: volume, snapshot, CBT generation and sequence, block size, size, time, "
+       "bytes read and a CRC-32C per CBT block.\n"
+       "The first backup in DIR is full. The next ones are incremental: they read only the blocks that CBT "
+       "reports changed since the previous backup's generation:sequence, and their qcow2 file is an overlay "
+       "backed by the previous one, so 'qemu-img convert DIR/backup-NNNN.qcow2' reads any point. When an "
+       "incremental is impossible (CBT generation reset, block size changed, volume resized, previous backup "
+       "missing or damaged) the backup is full and one line on stderr says why. An interrupted backup leaves "
+       "nothing behind but a .part file, removed by the next run. Progress (bytes, rate, ETA) on a terminal.",
+       "The new backup, what was read and written, its file.\n"
+       "--json: the manifest without its checksum runs {format, name, file, kind (full or incremental), parent, "
+       "reason, volume, snapshot_id, snapshot_name, source, generation, sequence, block_size, size, time, "
+       "seconds_ms, bytes_read, bytes_written, bytes_zero, changed_bytes, connections, checksums {algorithm, "
+       "block_size, blocks}}, plus manifest and path (the files).",
+       cmd_backup},
+      {"", "restore", "DIR",
+       {{"--backup", "NAME", "the point to restore: backup-NNNN, its number, or latest (default)"},
+        {"--to", "PATH", "a file (created, or replaced with --force) or a block device of at least the size"},
+        {"--uri", "URI", "an NBD export of at least the size"},
+        {"--volume", "NAME", "a volume of nbdsnapd, through its NBD export (same size)"},
+        {"--force", "", "overwrite an existing regular file given with --to"},
+        {"--connections", "N", "NBD connections to read the backup with (default 4)"},
+        {"--tls-psk", "FILE", "TLS with this pre-shared key file, for --uri or --volume"},
+        {"--tls-username", "NAME", "the PSK identity (default: the first in the file)"}},
+       "restore one point of a backup chain to a file, device, NBD export or volume",
+       "Writes the volume as it was at one backup of DIR (its qcow2 file and its backing chain, served "
+       "read-only by qemu-nbd) to exactly one target. Holes of a new file stay holes; on devices, exports and "
+       "volumes zero blocks are written as zeroes. Every block is checked against the CRC-32C of the "
+       "manifests while it is copied; a mismatch fails the restore (exit 1) naming the first bad offset. "
+       "Writes to a volume are tracked by CBT like any other.",
+       "One line: the backup, the target, blocks checked.\n"
+       "--json: {backup, target, size, blocks_checked, bytes_read, bytes_written, bytes_zero, seconds_ms}.",
+       cmd_restore},
+      {"", "verify", "DIR",
+       {{"--backup", "NAME", "check this point entirely: every block, through its backing chain"},
+        {"--connections", "N", "NBD connections to read with (default 4)"}},
+       "check the checksums of a backup chain",
+       "Reads the backups of DIR back through qemu-nbd and compares every block with its CRC-32C in the "
+       "manifests. Without --backup, each backup's own blocks are read at its point (all the data the chain "
+       "stores); with --backup, every block of that point. Fails (exit 1) if a block differs or a file of "
+       "the chain is missing.",
+       "One line per backup: name, kind, time, blocks checked, ok or the count of bad blocks.\n"
+       "--json: {dir, ok, backups: [{name, kind, whole_point, blocks, bad_blocks, bad_offsets (first 100), "
+       "bytes_read}]}.",
+       cmd_verify},
   };
   return c;
 }

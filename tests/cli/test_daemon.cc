@@ -12,6 +12,8 @@
 
 namespace nbdsnap::test {
 namespace {
+using json::JValue;
+using json::parse_json;
 
 bool contains(const std::string& s, std::string_view w) { return s.find(w) != std::string::npos; }
 

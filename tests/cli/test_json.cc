@@ -13,7 +13,7 @@
 namespace nbdsnap {
 namespace {
 
-using test::parse_json;
+using json::parse_json;
 
 std::string quote_json(std::string_view s) {
   std::string out;

@@ -60,11 +60,11 @@ RunResult run_cli(FakeDaemon& d, const std::vector<std::string>& args, const std
 
 std::string describe(const RunResult& r) { return "rc " + std::to_string(r.rc) + "\n" + r.out + "---\n" + r.err; }
 
-test::JValue json_of(const RunResult& r) {
+json::JValue json_of(const RunResult& r) {
   std::string error;
-  auto v = test::parse_json(r.out, &error);
+  auto v = json::parse_json(r.out, &error);
   EXPECT_TRUE(v) << error << "\n" << r.out;
-  return v ? *v : test::JValue();
+  return v ? *v : json::JValue();
 }
 
 bool contains(const std::string& s, std::string_view w) { return s.find(w) != std::string::npos; }
@@ -241,7 +241,7 @@ TEST(Run, CbtMapOutputGoesToTheFile) {
   EXPECT_EQ(summary["output"].str(), file);
   EXPECT_EQ(summary["block_count"].u64(), test::kCbtBlocks);
   std::string err;
-  auto map = test::parse_json(test::read_text(file), &err);
+  auto map = json::parse_json(test::read_text(file), &err);
   ASSERT_TRUE(map) << err;
   EXPECT_EQ((*map)["stamps"].size(), test::kCbtBlocks);
 

@@ -1,5 +1,5 @@
-// A strict JSON parser (RFC 8259) for the CLI tests, independent of the
-// writer under test: one value plus whitespace, no trailing commas, no
+// A strict JSON parser (RFC 8259), for backup manifests and the CLI tests
+// (independent of the writer, cli_json.h): one value plus whitespace, no trailing commas, no
 // duplicate keys, strings must be valid UTF-8 without raw control
 // characters; \u escapes (with surrogate pairs) are decoded to UTF-8.
 // Header-only; plain values, no shared state.
@@ -12,7 +12,7 @@
 #include <utility>
 #include <vector>
 
-namespace nbdsnap::test {
+namespace nbdsnap::json {
 
 struct JValue {
   enum class Kind { kNull, kBool, kNumber, kString, kArray, kObject };
@@ -303,4 +303,4 @@ inline std::optional<JValue> parse_json(std::string_view text, std::string* erro
   return JsonParser(text).parse(error);
 }
 
-}  // namespace nbdsnap::test
+}  // namespace nbdsnap::json

@@ -1,0 +1,264 @@
+#include "backup.h"
+
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <ctime>
+
+#include "qemu_tools.h"
+
+namespace nbdsnap {
+namespace {
+
+bool exists(const std::string& p) {
+  struct stat st {};
+  return ::lstat(p.c_str(), &st) == 0;
+}
+
+// Byte ranges of the blocks in RUNS.
+std::vector<ByteRange> ranges_of(const BlockChecksums& cs, uint64_t size) {
+  std::vector<ByteRange> out;
+  for (const auto& [first, crcs] : cs.runs) {
+    uint64_t off = first * cs.block_size;
+    uint64_t end = std::min(size, (first + crcs.size()) * cs.block_size);
+    out.push_back({off, end - off});
+  }
+  return out;
+}
+
+// Ranges widened to whole blocks, sorted and merged.
+std::vector<ByteRange> block_ranges(std::vector<ByteRange> in, uint64_t bs, uint64_t size) {
+  std::sort(in.begin(), in.end(), [](const ByteRange& a, const ByteRange& b) { return a.offset < b.offset; });
+  std::vector<ByteRange> out;
+  for (const auto& r : in) {
+    if (r.length == 0 || r.offset >= size) continue;
+    uint64_t a = r.offset / bs * bs;
+    uint64_t b = std::min(size, (std::min(size, r.offset + r.length) + bs - 1) / bs * bs);
+    if (!out.empty() && out.back().offset + out.back().length >= a) {
+      out.back().length = std::max(out.back().offset + out.back().length, b) - out.back().offset;
+    } else {
+      out.push_back({a, b - a});
+    }
+  }
+  return out;
+}
+
+void compare(const std::vector<uint32_t>& got, const std::vector<uint32_t>& want, const std::vector<ByteRange>& ranges,
+             uint64_t bs, uint64_t* blocks, uint64_t* bad_count, std::vector<uint64_t>* bad) {
+  for (const auto& r : ranges)
+    for (uint64_t b = r.offset / bs; b * bs < r.offset + r.length; ++b) {
+      ++*blocks;
+      if (got[b] != want[b]) {
+        ++*bad_count;
+        if (bad->size() < 100) bad->push_back(b);
+      }
+    }
+}
+
+}  // namespace
+
+std::string utc_now() {
+  time_t t = ::time(nullptr);
+  struct tm tm {};
+  ::gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+Result<Manifest> run_backup(const BackupChain& chain, const BackupRequest& r) {
+  Manifest m;
+  m.name = chain.next_name();
+  m.file = m.name + ".qcow2";
+  m.kind = r.parent ? "incremental" : "full";
+  m.parent = r.parent ? r.parent->name : "";
+  m.reason = r.reason;
+  m.volume = r.volume;
+  m.snapshot_id = r.snapshot_id;
+  m.snapshot_name = r.snapshot_name;
+  m.source = r.source.display();
+  m.generation = r.generation;
+  m.sequence = r.sequence;
+  m.block_size = r.block_size;
+  m.size = r.size;
+  m.time = utc_now();
+  m.changed_bytes = r.parent ? r.changed_bytes : r.size;
+
+  const std::string image = chain.path_of(m.file), part = image + ".part", manifest = chain.path_of(m.name + ".json");
+  if (exists(image) || exists(manifest))
+    return Status::error(EEXIST, "backup " + m.name + ": " + image + " or its manifest exists already");
+  ::unlink(part.c_str());  // left by an interrupted run
+  if (Status st = qcow2_create(part, r.size, r.parent ? r.parent->file : ""); !st) return st;
+  // From here on, a failure removes the unfinished file.
+  struct Cleanup {
+    std::string path;
+    bool keep = false;
+    ~Cleanup() {
+      if (!keep) ::unlink(path.c_str());
+    }
+  } cleanup{part};
+
+  const uint64_t nblocks = block_count(r.size, r.block_size);
+  std::vector<ByteRange> ranges =
+      r.parent ? block_ranges(r.changes, r.block_size, r.size) : std::vector<ByteRange>{{0, r.size}};
+
+  MoveOptions o;
+  o.source = r.source;
+  o.block_size = r.block_size;
+  o.connections = r.connections;
+  o.sink = SinkKind::kNbd;
+  // A new full image reads as zero already; an overlay must hide older data.
+  o.write_zeroes = r.parent != nullptr;
+  o.progress = r.progress;
+  // Probe the source for its connection count before starting qemu-nbd.
+  auto probe = NbdConnection::open(r.source);
+  if (!probe) return probe.status().with_context("backup");
+  if (probe->size() != r.size)
+    return Status::error(EINVAL, "backup: " + r.source.display() + " has " + std::to_string(probe->size()) +
+                                     " bytes, the volume " + std::to_string(r.size));
+  int conns = r.connections > 0 ? r.connections : (probe->multi_conn() ? 4 : 1);
+  probe->close();
+  auto server = QemuNbd::serve(part, false, conns);
+  if (!server) return server.status().with_context("backup");
+  o.sink_endpoint = server->endpoint();
+
+  std::vector<uint32_t> crcs(nblocks, 0);
+  auto moved = BlockMover(o).run(ranges, &crcs, r.size);
+  Status stopped = server->stop();
+  if (!moved) return moved.status().with_context("backup " + m.name);
+  if (!stopped) return stopped.with_context("backup " + m.name);
+
+  std::vector<uint8_t> present(nblocks, 0);
+  for (const auto& rg : ranges)
+    for (uint64_t b = rg.offset / r.block_size; b * r.block_size < rg.offset + rg.length; ++b) present[b] = 1;
+  m.checksums = BlockChecksums::from_array(r.block_size, crcs, present);
+  m.bytes_read = moved->bytes_read;
+  m.bytes_written = moved->bytes_written;
+  m.bytes_zero = moved->bytes_zero;
+  m.connections = moved->connections;
+  m.seconds = moved->seconds;
+
+  // The image first (fsync'd by qemu-nbd's flush and exit), then the
+  // manifest, which is what makes the backup exist.
+  int fd = ::open(part.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || ::fsync(fd) != 0) {
+    int e = errno;
+    if (fd >= 0) ::close(fd);
+    return Status::from_errno("backup " + m.name + ": fsync " + part, e);
+  }
+  ::close(fd);
+  if (::rename(part.c_str(), image.c_str()) != 0) return Status::from_errno("backup " + m.name + ": rename " + part);
+  cleanup.path = image;
+  if (Status st = write_file_atomic(manifest, m.to_json().dump() + "\n"); !st)
+    return st.with_context("backup " + m.name);
+  cleanup.keep = true;
+  return m;
+}
+
+Result<RestoreResult> run_restore(const BackupChain& chain, const Manifest& point, const RestoreTarget& t,
+                                  int connections, ProgressFn progress) {
+  const std::string what = "restore " + point.name;
+  auto want = chain.expected(point);
+  if (!want) return want.status().with_context(what);
+
+  MoveOptions o;
+  o.block_size = point.block_size;
+  o.connections = connections;
+  o.progress = std::move(progress);
+  int fd = -1;
+  struct CloseFd {
+    int* fd;
+    ~CloseFd() {
+      if (*fd >= 0) ::close(*fd);
+    }
+  } close_fd{&fd};
+  if (!t.nbd.uri.empty()) {
+    o.sink = SinkKind::kNbd;
+    o.sink_endpoint = t.nbd;
+    o.write_zeroes = true;  // the export holds other data
+  } else {
+    o.sink = SinkKind::kFile;
+    struct stat st {};
+    bool existed = ::stat(t.path.c_str(), &st) == 0;
+    if (existed && S_ISBLK(st.st_mode)) {
+      fd = ::open(t.path.c_str(), O_WRONLY | O_CLOEXEC);
+      if (fd < 0) return Status::from_errno(what + ": open " + t.path);
+      uint64_t dev_size = 0;
+      if (::ioctl(fd, BLKGETSIZE64, &dev_size) != 0) return Status::from_errno(what + ": size of " + t.path);
+      if (dev_size < point.size)
+        return Status::error(ENOSPC, what + ": " + t.path + " has " + std::to_string(dev_size) + " bytes, the backup " +
+                                         std::to_string(point.size));
+      o.sink_is_block_device = true;
+      o.write_zeroes = true;
+    } else if (existed && !S_ISREG(st.st_mode)) {
+      return Status::error(EINVAL, what + ": " + t.path + " is neither a regular file nor a block device");
+    } else {
+      if (existed && !t.force)
+        return Status::error(EEXIST, what + ": " + t.path + " exists (give --force to overwrite it)");
+      fd = ::open(t.path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+      if (fd < 0) return Status::from_errno(what + ": open " + t.path);
+      // Emptied and sized: every hole reads as zero, only data is written.
+      if (::ftruncate(fd, 0) != 0 || ::ftruncate(fd, static_cast<off_t>(point.size)) != 0)
+        return Status::from_errno(what + ": size " + t.path);
+    }
+    o.sink_fd = fd;
+  }
+  auto server = QemuNbd::serve(chain.path_of(point.file), true, connections > 0 ? connections : 4);
+  if (!server) return server.status().with_context(what);
+  o.source = server->endpoint();
+
+  RestoreResult res;
+  std::vector<uint32_t> got(want->size(), 0);
+  auto moved = BlockMover(o).run({{0, point.size}}, &got, point.size);
+  Status stopped = server->stop();
+  if (!moved) return moved.status().with_context(what);
+  if (!stopped) return stopped.with_context(what);
+  if (fd >= 0 && ::fsync(fd) != 0) return Status::from_errno(what + ": fsync " + t.path);
+  res.move = *moved;
+  compare(got, *want, {{0, point.size}}, point.block_size, &res.blocks, &res.bad_count, &res.bad_blocks);
+  return res;
+}
+
+Result<VerifyResult> run_verify(const BackupChain& chain, const Manifest& b, bool whole_point, int connections,
+                                ProgressFn progress) {
+  const std::string what = "verify " + b.name;
+  VerifyResult res;
+  res.name = b.name;
+  res.whole_point = whole_point;
+  std::vector<uint32_t> want;
+  std::vector<ByteRange> ranges;
+  if (whole_point) {
+    auto w = chain.expected(b);
+    if (!w) return w.status().with_context(what);
+    want = std::move(*w);
+    ranges = {{0, b.size}};
+  } else {
+    auto anc = chain.ancestry(b);
+    if (!anc) return anc.status().with_context(what);
+    want.assign(block_count(b.size, b.block_size), 0);
+    for (const auto& [first, cs] : b.checksums.runs)
+      for (size_t k = 0; k < cs.size(); ++k) want[first + k] = cs[k];
+    ranges = ranges_of(b.checksums, b.size);
+  }
+  auto server = QemuNbd::serve(chain.path_of(b.file), true, connections > 0 ? connections : 4);
+  if (!server) return server.status().with_context(what);
+  MoveOptions o;
+  o.source = server->endpoint();
+  o.block_size = b.block_size;
+  o.connections = connections;
+  o.progress = std::move(progress);
+  std::vector<uint32_t> got(want.size(), 0);
+  auto moved = BlockMover(o).run(ranges, &got, b.size);
+  Status stopped = server->stop();
+  if (!moved) return moved.status().with_context(what);
+  if (!stopped) return stopped.with_context(what);
+  res.move = *moved;
+  compare(got, want, ranges, b.block_size, &res.blocks, &res.bad_count, &res.bad_blocks);
+  return res;
+}
+
+}  // namespace nbdsnap

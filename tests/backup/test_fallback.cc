@@ -1,0 +1,187 @@
+// When an incremental backup is impossible the backup is full and says why
+// (generation reset, previous file missing, --full, plain exports); what
+// must not be mixed up fails cleanly (another volume in the directory, a
+// snapshot not taken, usage errors), and restore never overwrites a file
+// by surprise.
+#include "backup_fixture.h"
+
+namespace nbdsnap::bt {
+namespace {
+
+constexpr uint64_t kSize = 16 * MiB;
+
+class Fallback : public BackupTest {
+ protected:
+  void SetUp() override {
+    BackupTest::SetUp();
+    if (IsSkipped()) return;
+    make_sparse_file(volume_path_, kSize);
+    ASSERT_TRUE(start_daemon());
+    model_.assign(kSize, 0);
+    rng_.seed(11);
+  }
+  // A few random writes, then snapshot NAME taken; returns the model.
+  std::vector<char> change_and_snapshot(const std::string& name) {
+    std::string err;
+    NbdPtr h = open(kVolume, {}, &err);
+    EXPECT_TRUE(h) << err;
+    if (!h) return {};
+    for (int i = 0; i < 4; ++i) {
+      uint64_t off = rng_() % (kSize / (64 * KiB)) * 64 * KiB;
+      write(h.get(), off, random_bytes(&rng_, 64 * KiB));
+    }
+    EXPECT_NE(nbd_flush(h.get(), 0), -1);
+    snapshot(name);
+    return model_;
+  }
+  std::mt19937_64 rng_;
+};
+
+TEST_F(Fallback, GenerationResetMeansAnnouncedFullBackup) {
+  const std::string dir = path("b");
+  change_and_snapshot("s1");
+  JValue m1 = nbdsnap_json({"backup", "s1", "--to", dir});
+  EXPECT_EQ(m1["kind"].str(), "full");
+  ASSERT_TRUE(IsOk(destroy("s1")));
+
+  // Lose the CBT state: stop, delete the map, start again.
+  ASSERT_TRUE(daemon_.stop());
+  std::string map = state_dir_ + "/data/cbt/vol0.map";
+  ASSERT_EQ(::unlink(map.c_str()), 0) << map << ": " << std::strerror(errno);
+  ASSERT_TRUE(restart_daemon());
+  client_.reset();  // the API connection of the old daemon
+  auto expected = change_and_snapshot("s2");
+  CommandResult raw;
+  JValue m2 = nbdsnap_json({"backup", "s2", "--to", dir}, &raw);
+  EXPECT_EQ(m2["kind"].str(), "full");
+  EXPECT_NE(m2["generation"].str(), m1["generation"].str());
+  EXPECT_NE(m2["reason"].str().find("generation"), std::string::npos) << m2["reason"].str();
+  // One line on stderr says why.
+  EXPECT_NE(raw.err.find("nbdsnap: backup: full backup: the change tracking generation of vol0 changed"),
+            std::string::npos)
+      << raw.err;
+  EXPECT_EQ(std::count(raw.err.begin(), raw.err.end(), '\n'), 1) << raw.err;
+  CommandResult r = nbdsnap({"restore", dir, "--to", path("r2.img")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(compare_file(path("r2.img"), expected), "");
+
+  // And the next one is incremental again, from the new generation.
+  ASSERT_TRUE(IsOk(destroy("s2")));
+  expected = change_and_snapshot("s3");
+  JValue m3 = nbdsnap_json({"backup", "s3", "--to", dir}, &raw);
+  EXPECT_EQ(m3["kind"].str(), "incremental");
+  EXPECT_EQ(m3["parent"].str(), "backup-0002");
+  EXPECT_EQ(raw.err, "");
+  r = nbdsnap({"restore", dir, "--to", path("r3.img")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(compare_file(path("r3.img"), expected), "");
+}
+
+TEST_F(Fallback, MissingPreviousFileMeansFullBackup) {
+  const std::string dir = path("b");
+  change_and_snapshot("s1");
+  nbdsnap_json({"backup", "s1", "--to", dir});
+  change_and_snapshot("s2");
+  JValue m2 = nbdsnap_json({"backup", "s2", "--to", dir});
+  EXPECT_EQ(m2["kind"].str(), "incremental");
+  ASSERT_EQ(::unlink((dir + "/backup-0001.qcow2").c_str()), 0);
+
+  // Point 2 cannot be restored any more, and says why.
+  CommandResult r = nbdsnap({"restore", dir, "--backup", "2", "--to", path("x.img")});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("backup-0001.qcow2 is missing"), std::string::npos) << r.err;
+  CommandResult v = nbdsnap({"verify", dir});
+  EXPECT_EQ(v.exit_code, 1);
+  EXPECT_NE(v.err.find("is missing"), std::string::npos) << v.err;
+
+  auto expected = change_and_snapshot("s3");
+  CommandResult raw;
+  JValue m3 = nbdsnap_json({"backup", "s3", "--to", dir}, &raw);
+  EXPECT_EQ(m3["kind"].str(), "full");
+  EXPECT_NE(raw.err.find("full backup: the previous backup cannot be used"), std::string::npos) << raw.err;
+  r = nbdsnap({"restore", dir, "--to", path("r3.img")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(compare_file(path("r3.img"), expected), "");
+}
+
+TEST_F(Fallback, FullOnRequestAndPlainExports) {
+  const std::string dir = path("b");
+  auto p1 = change_and_snapshot("s1");
+  nbdsnap_json({"backup", "s1", "--to", dir});
+  JValue m2 = nbdsnap_json({"backup", "s1", "--to", dir, "--full"});
+  EXPECT_EQ(m2["kind"].str(), "full");
+  EXPECT_EQ(m2["reason"].str(), "--full given");
+
+  // A plain export (no daemon, no CBT): full every time, with a reason the
+  // second time; its "volume" is the export name.
+  const std::string plain = path("plain");
+  const std::string uri = "nbd+unix:///vol0@s1?socket=" + nbd_socket_;
+  JValue a = nbdsnap_json({"backup", "--uri", uri, "--to", plain});
+  EXPECT_EQ(a["kind"].str(), "full");
+  EXPECT_TRUE(a["generation"].is_null());
+  EXPECT_EQ(a["volume"].str(), "vol0@s1");
+  CommandResult raw;
+  JValue b = nbdsnap_json({"backup", "--uri", uri, "--to", plain}, &raw);
+  EXPECT_EQ(b["kind"].str(), "full");
+  EXPECT_NE(raw.err.find("no change tracking"), std::string::npos) << raw.err;
+  CommandResult r = nbdsnap({"restore", plain, "--to", path("p.img")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(compare_file(path("p.img"), p1), "");
+
+  // Backups of another volume do not go into that directory.
+  CommandResult wrong = nbdsnap({"backup", "--uri", uri, "--to", dir});
+  EXPECT_EQ(wrong.exit_code, 1);
+  EXPECT_NE(wrong.err.find("holds backups of 'vol0', not 'vol0@s1'"), std::string::npos) << wrong.err;
+}
+
+TEST_F(Fallback, BadRequestsFailCleanly) {
+  const std::string dir = path("b");
+  auto c = create({kVolume}, "notyet");
+  ASSERT_TRUE(IsOk(c));
+  CommandResult r = nbdsnap({"backup", "notyet", "--to", dir});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("not taken yet"), std::string::npos) << r.err;
+  r = nbdsnap({"backup", "nosuch", "--to", dir});
+  EXPECT_EQ(r.exit_code, 1);
+  r = nbdsnap({"backup", "--to", dir});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("give a SNAPSHOT, or --uri"), std::string::npos) << r.err;
+  r = nbdsnap({"backup", "notyet"});
+  EXPECT_EQ(r.exit_code, 2);
+  r = nbdsnap({"restore", dir, "--to", path("a"), "--uri", "nbd://127.0.0.1/x"});
+  EXPECT_EQ(r.exit_code, 2);
+  r = nbdsnap({"restore", path("nodir"), "--to", path("a")});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("open backup directory"), std::string::npos) << r.err;
+  r = nbdsnap({"backup", "--uri", "nbd+unix:///nosuch?socket=" + nbd_socket_, "--to", dir});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("connect to nbd+unix:///nosuch"), std::string::npos) << r.err;
+
+  // Restore does not overwrite an existing file without --force.
+  change_and_snapshot("s1");
+  nbdsnap_json({"backup", "s1", "--to", dir});
+  std::string target = path("existing.img");
+  {
+    std::ofstream f(target);
+    f << "precious";
+  }
+  r = nbdsnap({"restore", dir, "--to", target});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("exists (give --force"), std::string::npos) << r.err;
+  EXPECT_EQ(read_text(target), "precious");
+  r = nbdsnap({"restore", dir, "--to", target, "--force"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(compare_file(target, model_), "");
+
+  // A leftover .part file of an interrupted run does not count and goes.
+  {
+    std::ofstream f(dir + "/backup-0002.qcow2.part");
+    f << "junk";
+  }
+  JValue m = nbdsnap_json({"backup", "s1", "--to", dir});
+  EXPECT_EQ(m["name"].str(), "backup-0002");
+  EXPECT_FALSE(fs::exists(dir + "/backup-0002.qcow2.part"));
+}
+
+}  // namespace
+}  // namespace nbdsnap::bt
