@@ -68,7 +68,23 @@ std::string table(const std::vector<std::pair<std::string, std::string_view>>& r
   for (const auto& r : rows) {
     std::string head = "  " + r.first;
     if (r.first.size() > left) {
-      out += head + "\n";
+      // A long synopsis: its words filled to the width, then the summary.
+      std::vector<std::string> units;  // "[--opt VALUE]" stays together
+      for (auto w : words(r.first)) {
+        if (!units.empty() && units.back()[0] == '[' && units.back().back() != ']')
+          units.back() += " " + std::string(w);
+        else
+          units.emplace_back(w);
+      }
+      std::string line = " ";
+      for (const auto& w : units) {
+        if (line.size() + 1 + w.size() > kWidth) {
+          out += line + "\n";
+          line = "     ";
+        }
+        line += " " + w;
+      }
+      out += line + "\n";
       out += wrap(r.second, left + 4);
     } else {
       std::string body = wrap(r.second, left + 4);
