@@ -88,49 +88,81 @@ Result<Manifest> run_backup(const BackupChain& chain, const BackupRequest& r) {
   m.time = utc_now();
   m.changed_bytes = r.parent ? r.changed_bytes : r.size;
 
+  const bool full = r.parent == nullptr;
+  if (full) m.data = m.name + ".raw";
   const std::string image = chain.path_of(m.file), part = image + ".part", manifest = chain.path_of(m.name + ".json");
-  if (exists(image) || exists(manifest))
+  const std::string data = full ? chain.path_of(m.data) : "", data_part = data + ".part";
+  if (exists(image) || exists(manifest) || (full && exists(data)))
     return Status::error(EEXIST, "backup " + m.name + ": " + image + " or its manifest exists already");
-  ::unlink(part.c_str());  // left by an interrupted run
-  if (Status st = qcow2_create(part, r.size, r.parent ? r.parent->file : ""); !st) return st;
-  // From here on, a failure removes the unfinished file.
+  // Left by an interrupted run.
+  ::unlink(part.c_str());
+  if (full) ::unlink(data_part.c_str());
+  // From here on, a failure removes what this backup wrote.
   struct Cleanup {
-    std::string path;
+    std::vector<std::string> paths;
     bool keep = false;
     ~Cleanup() {
-      if (!keep) ::unlink(path.c_str());
+      if (!keep)
+        for (const auto& p : paths) ::unlink(p.c_str());
     }
-  } cleanup{part};
+  } cleanup;
 
   const uint64_t nblocks = block_count(r.size, r.block_size);
-  std::vector<ByteRange> ranges =
-      r.parent ? block_ranges(r.changes, r.block_size, r.size) : std::vector<ByteRange>{{0, r.size}};
+  std::vector<ByteRange> ranges = full ? std::vector<ByteRange>{{0, r.size}} : block_ranges(r.changes, r.block_size, r.size);
 
   MoveOptions o;
   o.source = r.source;
   o.block_size = r.block_size;
   o.connections = r.connections;
-  o.sink = SinkKind::kNbd;
-  // A new full image reads as zero already; an overlay must hide older data.
-  o.write_zeroes = r.parent != nullptr;
   o.progress = r.progress;
-  // Probe the source for its connection count before starting qemu-nbd.
-  auto probe = NbdConnection::open(r.source);
-  if (!probe) return probe.status().with_context("backup");
-  if (probe->size() != r.size)
-    return Status::error(EINVAL, "backup: " + r.source.display() + " has " + std::to_string(probe->size()) +
-                                     " bytes, the volume " + std::to_string(r.size));
-  int conns = r.connections > 0 ? r.connections : (probe->multi_conn() ? 4 : 1);
-  probe->close();
-  auto server = QemuNbd::serve(part, false, conns);
-  if (!server) return server.status().with_context("backup");
-  o.sink_endpoint = server->endpoint();
-
   std::vector<uint32_t> crcs(nblocks, 0);
-  auto moved = BlockMover(o).run(ranges, &crcs, r.size);
-  Status stopped = server->stop();
-  if (!moved) return moved.status().with_context("backup " + m.name);
-  if (!stopped) return stopped.with_context("backup " + m.name);
+  Result<MoveResult> moved = Status::error(EIO, "not run");
+  if (full) {
+    // The bytes go straight into a new sparse raw file: holes and zero
+    // blocks are not written.
+    int fd = ::open(data_part.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) return Status::from_errno("backup " + m.name + ": create " + data_part);
+    cleanup.paths.push_back(data_part);
+    if (::ftruncate(fd, static_cast<off_t>(r.size)) != 0) {
+      int e = errno;
+      ::close(fd);
+      return Status::from_errno("backup " + m.name + ": size " + data_part, e);
+    }
+    o.sink = SinkKind::kFile;
+    o.sink_fd = fd;
+    o.write_zeroes = false;
+    moved = BlockMover(o).run(ranges, &crcs, r.size);
+    int e = moved && ::fsync(fd) != 0 ? errno : 0;
+    ::close(fd);
+    if (!moved) return moved.status().with_context("backup " + m.name);
+    if (e) return Status::from_errno("backup " + m.name + ": fsync " + data_part, e);
+    if (::rename(data_part.c_str(), data.c_str()) != 0) return Status::from_errno("backup " + m.name + ": rename " + data_part);
+    cleanup.paths.back() = data;
+    // The qcow2 file of the point: an empty overlay of the raw data.
+    if (Status st = qcow2_create(part, r.size, m.data, "raw"); !st) return st.with_context("backup " + m.name);
+    cleanup.paths.push_back(part);
+  } else {
+    // An overlay of the previous backup, written through qemu-nbd; zero
+    // blocks become zero clusters that hide older data.
+    if (Status st = qcow2_create(part, r.size, r.parent->file, "qcow2"); !st) return st.with_context("backup " + m.name);
+    cleanup.paths.push_back(part);
+    auto probe = NbdConnection::open(r.source);
+    if (!probe) return probe.status().with_context("backup");
+    if (probe->size() != r.size)
+      return Status::error(EINVAL, "backup: " + r.source.display() + " has " + std::to_string(probe->size()) +
+                                       " bytes, the volume " + std::to_string(r.size));
+    int conns = r.connections > 0 ? r.connections : (probe->multi_conn() ? 4 : 1);
+    probe->close();
+    auto server = QemuNbd::serve(part, false, conns);
+    if (!server) return server.status().with_context("backup");
+    o.sink = SinkKind::kNbd;
+    o.sink_endpoint = server->endpoint();
+    o.write_zeroes = true;
+    moved = BlockMover(o).run(ranges, &crcs, r.size);
+    Status stopped = server->stop();
+    if (!moved) return moved.status().with_context("backup " + m.name);
+    if (!stopped) return stopped.with_context("backup " + m.name);
+  }
 
   std::vector<uint8_t> present(nblocks, 0);
   for (const auto& rg : ranges)
@@ -152,7 +184,7 @@ Result<Manifest> run_backup(const BackupChain& chain, const BackupRequest& r) {
   }
   ::close(fd);
   if (::rename(part.c_str(), image.c_str()) != 0) return Status::from_errno("backup " + m.name + ": rename " + part);
-  cleanup.path = image;
+  cleanup.paths.back() = image;
   if (Status st = write_file_atomic(manifest, m.to_json().dump() + "\n"); !st)
     return st.with_context("backup " + m.name);
   cleanup.keep = true;

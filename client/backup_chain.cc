@@ -70,6 +70,7 @@ Json Manifest::to_json(bool with_checksums) const {
       {"format", kManifestFormat},
       {"name", name},
       {"file", file},
+      {"data", data.empty() ? Json() : Json(data)},
       {"kind", kind},
       {"parent", parent.empty() ? Json() : Json(parent)},
       {"reason", reason.empty() ? Json() : Json(reason)},
@@ -115,6 +116,7 @@ Result<Manifest> Manifest::parse(const std::string& text) {
   Manifest m;
   m.name = j["name"].str();
   m.file = j["file"].str();
+  m.data = j["data"].str();
   m.kind = j["kind"].str();
   m.parent = j["parent"].str();
   m.reason = j["reason"].str();
@@ -135,6 +137,7 @@ Result<Manifest> Manifest::parse(const std::string& text) {
   m.connections = static_cast<int>(j["connections"].u64());
   if (!number_of(m.name) || m.file != m.name + ".qcow2") return Status::error(EINVAL, "bad name or file");
   if (m.kind != "full" && m.kind != "incremental") return Status::error(EINVAL, "bad kind '" + m.kind + "'");
+  if ((m.kind == "full") != (m.data == m.name + ".raw")) return Status::error(EINVAL, "bad data file");
   if (m.kind == "incremental" && m.parent.empty()) return Status::error(EINVAL, "incremental without parent");
   if (m.block_size == 0 || m.size == 0) return Status::error(EINVAL, "missing block_size or size");
   const json::JValue& cs = j["checksums"];
@@ -210,8 +213,9 @@ Result<std::vector<const Manifest*>> BackupChain::ancestry(const Manifest& m) co
   std::vector<const Manifest*> out;
   const Manifest* cur = &m;
   for (;;) {
-    if (!file_exists(path_of(cur->file)))
-      return Status::error(ENOENT, cur->name + ": its file " + path_of(cur->file) + " is missing");
+    for (const std::string* f : {&cur->file, &cur->data})
+      if (!f->empty() && !file_exists(path_of(*f)))
+        return Status::error(ENOENT, cur->name + ": its file " + path_of(*f) + " is missing");
     out.push_back(cur);
     if (cur->kind == "full") break;
     const Manifest* parent = nullptr;

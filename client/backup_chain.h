@@ -1,11 +1,16 @@
 // A backup directory: a chain of qcow2 files and one JSON manifest per
-// backup. backup-0001.qcow2 is a full backup; an incremental backup-000N.qcow2
-// is a qcow2 overlay whose backing file is its parent, so that qemu-img can
-// read any point directly. backup-000N.json describes it (volume, snapshot,
-// CBT generation and sequence, block size, size, time, bytes read) and holds
-// the CRC-32C of every block it stored (every block for a full backup).
-// A backup exists once its manifest does: files ending in .part are
-// unfinished and ignored.
+// backup, so that qemu-img can read any point directly:
+//  - a full backup is backup-NNNN.raw, the volume's bytes written straight
+//    into a sparse raw file (holes and zero blocks stay holes), and
+//    backup-NNNN.qcow2, an empty qcow2 overlay whose backing file is that
+//    raw file;
+//  - an incremental backup is backup-NNNN.qcow2, a qcow2 overlay whose
+//    backing file is the previous backup's qcow2, holding the changed blocks.
+// Backing file names are relative, so the directory can be moved.
+// backup-NNNN.json describes the backup (volume, snapshot, CBT generation
+// and sequence, block size, size, time, bytes read) and holds the CRC-32C
+// of every block it stored (every block for a full backup). A backup exists
+// once its manifest does: files ending in .part are unfinished and ignored.
 //
 // Manifest and BackupChain are plain values; loading reads the directory.
 #pragma once
@@ -36,6 +41,7 @@ struct BlockChecksums {
 struct Manifest {
   std::string name;    // "backup-0003"
   std::string file;    // "backup-0003.qcow2"
+  std::string data;    // full backups: "backup-0003.raw", the qcow2's backing file
   std::string kind;    // "full" or "incremental"
   std::string parent;  // the backup it is an overlay of ("" for full)
   std::string reason;  // why a full backup when an incremental was possible ("" otherwise)

@@ -106,10 +106,11 @@ Status run_tool(const std::string& program, const std::vector<std::string>& args
   return Status::ok();
 }
 
-Status qcow2_create(const std::string& path, uint64_t size, const std::string& backing) {
+Status qcow2_create(const std::string& path, uint64_t size, const std::string& backing,
+                    const std::string& backing_format) {
   std::vector<std::string> args = {"create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on"};
   if (!backing.empty()) {
-    args.insert(args.end(), {"-b", backing, "-F", "qcow2"});
+    args.insert(args.end(), {"-b", backing, "-F", backing_format});
   }
   args.push_back(path);
   args.push_back(std::to_string(size));

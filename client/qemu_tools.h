@@ -20,9 +20,11 @@ namespace nbdsnap {
 // status and the last lines of its stderr.
 Status run_tool(const std::string& program, const std::vector<std::string>& args, std::string* out = nullptr);
 
-// qemu-img create -f qcow2 [-b BACKING -F qcow2] PATH SIZE. BACKING is a
-// file name relative to PATH's directory (so the chain can be moved).
-Status qcow2_create(const std::string& path, uint64_t size, const std::string& backing);
+// qemu-img create -f qcow2 [-b BACKING -F BACKING_FORMAT] PATH SIZE.
+// BACKING is a file name relative to PATH's directory (so the chain can be
+// moved).
+Status qcow2_create(const std::string& path, uint64_t size, const std::string& backing,
+                    const std::string& backing_format = "qcow2");
 
 class QemuNbd {
  public:

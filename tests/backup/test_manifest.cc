@@ -20,6 +20,7 @@ Manifest make(int n, const std::string& kind, const std::string& parent) {
   std::snprintf(name, sizeof name, "backup-%04d", n);
   m.name = name;
   m.file = m.name + ".qcow2";
+  if (kind == "full") m.data = m.name + ".raw";
   m.kind = kind;
   m.parent = parent;
   m.volume = "vol0";
@@ -47,6 +48,7 @@ class TempDir {
 void save(const std::string& dir, const Manifest& m, bool with_file = true) {
   std::ofstream(dir + "/" + m.name + ".json") << m.to_json().dump() << "\n";
   if (with_file) std::ofstream(dir + "/" + m.file) << "x";
+  if (with_file && !m.data.empty()) std::ofstream(dir + "/" + m.data) << "x";
 }
 
 TEST(Manifest, RoundTrip) {
@@ -101,6 +103,7 @@ TEST(Manifest, ParseRefusesWhatIsWrong) {
   EXPECT_FALSE(Manifest::parse(partial.to_json().dump())) << "a full backup needs every block";
   Manifest orphan = make(2, "incremental", "");
   EXPECT_FALSE(Manifest::parse(orphan.to_json().dump()));
+  EXPECT_FALSE(bad("\"data\":\"backup-0001.raw\"", "\"data\":null")) << "a full backup names its raw data";
 }
 
 TEST(Chain, FindAncestryAndExpected) {
@@ -142,6 +145,10 @@ TEST(Chain, FindAncestryAndExpected) {
   ASSERT_FALSE(broken);
   EXPECT_NE(broken.status().message().find("backup-0001.qcow2 is missing"), std::string::npos);
   EXPECT_TRUE(chain->ancestry(**chain->find("4")));
+  fs::remove(d.path() + "/backup-0004.raw");
+  auto no_data = chain->ancestry(**chain->find("4"));
+  ASSERT_FALSE(no_data);
+  EXPECT_NE(no_data.status().message().find("backup-0004.raw is missing"), std::string::npos);
 }
 
 TEST(Chain, DamagedManifestIsNamed) {

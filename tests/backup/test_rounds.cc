@@ -23,7 +23,7 @@ TEST_F(Rounds, EveryPointRestoresExactly) {
   if (const char* s = std::getenv("NBDSNAP_SEED")) seed = std::strtoull(s, nullptr, 10);
   std::printf("seed %llu (NBDSNAP_SEED to replay)\n", static_cast<unsigned long long>(seed));
   std::mt19937_64 rng(seed);
-  const std::string dir = path("backups");
+  std::string dir = path("backups");
   std::vector<std::vector<char>> points;  // the model at each snapshot
 
   std::string err;
@@ -132,6 +132,19 @@ TEST_F(Rounds, EveryPointRestoresExactly) {
   CommandResult r = nbdsnap({"restore", dir, "--to", out});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(compare_file(out, points[1]), "");
+
+  // The chain names its backing files relatively: a moved directory still
+  // reads, for qemu-img too.
+  const std::string moved = path("moved");
+  fs::rename(dir, moved);
+  dir = moved;
+  {
+    std::ofstream(path("qemu-ref-4.raw"), std::ios::binary)
+        .write(points[3].data(), static_cast<std::streamsize>(points[3].size()));
+    CommandResult cmp = run_command({"qemu-img", "compare", "-f", "qcow2", "-F", "raw", dir + "/backup-0004.qcow2",
+                       path("qemu-ref-4.raw")});
+    EXPECT_EQ(cmp.exit_code, 0) << cmp.out << cmp.err;
+  }
 
   // Damage one data cluster of backup-0002: verify and restore say so.
   std::string file = dir + "/backup-0002.qcow2";
