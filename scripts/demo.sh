@@ -3,8 +3,11 @@
 # starts nbdsnapd (which runs nbdkit + the nbdsnap plugin) on a demo volume,
 # writes data, takes a snapshot with the nbdsnap CLI, shows the exports with
 # nbdinfo, changes the origin, shows that the snapshot export keeps the old
-# bytes and what change tracking reports, backs the snapshot up with nbdcopy
-# and verifies the copy, then destroys the snapshot and stops the daemon.
+# bytes and what change tracking reports, backs the snapshot up with
+# `nbdsnap backup` (full), takes a second snapshot and backs it up
+# incrementally (only the changed blocks are read), verifies the chain,
+# restores both points and compares them with copies taken at each
+# snapshot, then destroys the snapshots and stops the daemon.
 # Everything listens on Unix sockets in a temporary directory.
 #
 #   scripts/demo.sh [--keep]      (--keep leaves the demo directory behind)
@@ -74,13 +77,30 @@ nbdsnap cbt changes vol0 --since "$gen:$seq"
 echo "the snapshot's own view, since the beginning:"
 nbdsnap cbt changes vol0 --since "$gen:0" --snapshot demo
 
-step "back the snapshot up over NBD (nbdcopy) and check the copy"
-nbdcopy "$snap" "$dir/backup.img"
-qemu-img compare -f raw -F raw "$dir/backup.img" "$dir/expected.img"
-nbdsnap snapshot info demo
+step "full backup of the snapshot over NBD into a qcow2 chain (nbdsnap backup)"
+nbdsnap backup demo --to "$dir/backups"
+nbdsnap snapshot info demo | grep -E 'state|sequence|storage'
 
-step "destroy the snapshot"
+step "second snapshot, then an incremental backup: only the changed CBT blocks are read"
+nbdsnap snapshot create vol0 --name demo2 >/dev/null
+nbdsnap snapshot take demo2 >/dev/null
+cp --sparse=always "$dir/vol0.img" "$dir/expected2.img"
+nbdsnap backup demo2 --to "$dir/backups"
+ls "$dir/backups"
+qemu-img info --backing-chain "$dir/backups/backup-0002.qcow2" | grep -E '^image:|^backing file:'
+
+step "verify the chain, restore both points and compare with the copies taken at each snapshot"
+nbdsnap verify "$dir/backups"
+nbdsnap restore "$dir/backups" --backup 1 --to "$dir/restored1.img"
+nbdsnap restore "$dir/backups" --backup 2 --to "$dir/restored2.img"
+qemu-img compare -f raw -F raw "$dir/restored1.img" "$dir/expected.img"
+qemu-img compare -f raw -F raw "$dir/restored2.img" "$dir/expected2.img"
+echo "qemu-img reads a point of the chain by itself:"
+qemu-img compare -f qcow2 -F raw "$dir/backups/backup-0002.qcow2" "$dir/expected2.img"
+
+step "destroy the snapshots"
 nbdsnap snapshot destroy demo
+nbdsnap snapshot destroy demo2
 nbdinfo --list "nbd+unix:///?socket=$dir/nbd.sock" | grep -E '^export='
 echo
-echo "demo complete: served, snapshotted, tracked and backed up."
+echo "demo complete: served, snapshotted, tracked, backed up (full + incremental) and restored."
