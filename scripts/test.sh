@@ -2,7 +2,9 @@
 # The whole test suite: installs what is missing, builds, and runs
 #   1. every test (unit, concurrency, integration through nbdkit + libnbd),
 #   2. the unit and concurrency tests under ASan + UBSan,
-#   3. the concurrency tests under TSan (the engine's threads).
+#   3. the concurrency tests under TSan (the engine's threads),
+#   4. the backup suite again with the nbdsnap CLI (its copy threads) built
+#      with ASan + UBSan, then with TSan.
 # Prints "N passed, N failed, N skipped" last; exits non-zero on any failure.
 #
 #   scripts/test.sh [--no-sanitizers]
@@ -58,6 +60,17 @@ if [ $sanitizers = 1 ]; then
   configure build-tsan -Db_sanitize=thread "${sanitizer_opts[@]}"
   TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
     build_and_run_suite build-tsan concurrency
+  # The backup suite with a sanitized CLI against the normal daemon.
+  for san in asan tsan; do
+    echo "== ninja -C build-$san client/nbdsnap"
+    ninja -C "build-$san" client/nbdsnap || { status=1; continue; }
+    echo "== meson test -C build --suite backup (nbdsnap from build-$san)"
+    NBDSNAP_CLI_SANITIZED=$top/build-$san/client/nbdsnap \
+      UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:exitcode=66 ASAN_OPTIONS=detect_leaks=1:exitcode=66 \
+      TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:exitcode=66 \
+      meson test -C build --no-rebuild --print-errorlogs --suite backup --logbase "backup-$san" || status=1
+    logs+=("build/meson-logs/backup-$san.json")
+  done
 fi
 
 python3 - "${logs[@]}" <<'PY'
