@@ -183,5 +183,25 @@ TEST_F(Fallback, BadRequestsFailCleanly) {
   EXPECT_FALSE(fs::exists(dir + "/backup-0002.qcow2.part"));
 }
 
+TEST_F(Fallback, ProgressOnATerminalOnly) {
+  if (find_program("script").empty()) GTEST_SKIP() << "script is not installed (bsdutils)";
+  change_and_snapshot("s1");
+  // On a terminal (script(1) gives it one): bytes, percentage, rate, ETA.
+  auto on_tty = [&](const std::string& args) {
+    return run_command({"script", "-qec", cli_ + " --api " + api_socket_ + " " + args, "/dev/null"});
+  };
+  CommandResult t = on_tty("backup s1 --to " + path("tty"));
+  ASSERT_EQ(t.exit_code, 0) << t.out << t.err;
+  EXPECT_NE(t.out.find("backup  16.0 MiB / 16.0 MiB  100%"), std::string::npos) << t.out;
+  EXPECT_NE(t.out.find("ETA "), std::string::npos) << t.out;
+  // Not with --json, nor when stderr is not a terminal.
+  t = on_tty("--json backup s1 --to " + path("tty"));
+  ASSERT_EQ(t.exit_code, 0) << t.out << t.err;
+  EXPECT_EQ(t.out.find("ETA "), std::string::npos) << t.out;
+  CommandResult plain = nbdsnap({"backup", "s1", "--to", path("tty")});
+  ASSERT_EQ(plain.exit_code, 0) << plain.err;
+  EXPECT_EQ(plain.err.find("ETA "), std::string::npos) << plain.err;
+}
+
 }  // namespace
 }  // namespace nbdsnap::bt
