@@ -1,8 +1,12 @@
 // nbdsnap backup, restore and verify: the daemon side (snapshot, export, CBT
 // generation and changes) and the choice between full and incremental; the
 // bytes are moved by backup.cc.
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -107,6 +111,40 @@ Status make_dir(const std::string& dir) {
   return Status::ok();
 }
 
+// The export name of an NBD URI: its path without the leading slash,
+// %XX-decoded ("" if there is none).
+std::string export_of_uri(const std::string& uri) {
+  std::string path = uri.substr(0, uri.find('?'));
+  auto scheme = path.find("://");
+  auto slash = path.find('/', scheme == std::string::npos ? 0 : scheme + 3);
+  if (slash == std::string::npos) return "";
+  std::string enc = path.substr(slash + 1), out;
+  for (size_t i = 0; i < enc.size(); ++i) {
+    if (enc[i] == '%' && i + 2 < enc.size() && std::isxdigit(static_cast<unsigned char>(enc[i + 1])) &&
+        std::isxdigit(static_cast<unsigned char>(enc[i + 2]))) {
+      out += static_cast<char>(std::stoi(enc.substr(i + 1, 2), nullptr, 16));
+      i += 2;
+    } else {
+      out += enc[i];
+    }
+  }
+  return out;
+}
+
+// An exclusive lock on DIR for one backup at a time (held until exit).
+Status lock_dir(const std::string& dir) {
+  std::string path = dir + "/.nbdsnap-backup.lock";
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return Status::from_errno("lock " + path);
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    int e = errno;
+    ::close(fd);
+    if (e == EWOULDBLOCK) return Status::error(EBUSY, "another backup into " + dir + " is running");
+    return Status::from_errno("lock " + path, e);
+  }
+  return Status::ok();  // the descriptor stays open: the lock lasts as long as the process
+}
+
 Json manifest_output(const Manifest& m, const BackupChain& chain) {
   Json j = m.to_json(false);
   j.set("manifest", chain.path_of(m.name + ".json"));
@@ -158,6 +196,13 @@ int cmd_backup(CommandContext& ctx) {
       return ctx.usage_error("snapshot " + label + " covers several volumes: pick one with --volume");
     }
     std::string exp = volume + "@" + label;
+    if (uri) {
+      // Reading another export under this snapshot's CBT would make a wrong
+      // incremental: the URI must name this snapshot's export.
+      std::string named = export_of_uri(*uri);
+      if (named != exp && named != volume + "@" + s.id())
+        return ctx.failure("backup: --uri names the export '" + named + "', not the snapshot's export " + exp);
+    }
     std::string u = uri ? *uri : uri_of_export(s.uris(), exp);
     if (u.empty()) return ctx.failure("backup: nbdsnapd gave no URI for the export " + exp);
     req.source = endpoint_options(ctx, u);
@@ -178,15 +223,13 @@ int cmd_backup(CommandContext& ctx) {
     if (!probe) return ctx.failure("backup: " + probe.status().message());
     req.size = probe->size();
     probe->close();
-    // The export name: the URI's path.
-    std::string path = uri->substr(0, uri->find('?'));
-    auto slash = path.find('/', path.find("//") == std::string::npos ? 0 : path.find("//") + 2);
-    req.volume = slash == std::string::npos ? "" : path.substr(slash + 1);
+    req.volume = export_of_uri(*uri);
     req.block_size = plain_block_size;
   }
   if (req.size == 0) return ctx.failure("backup: " + req.source.display() + " is empty");
 
   if (Status st = make_dir(dir); !st) return ctx.failure("backup: " + st.message());
+  if (Status st = lock_dir(dir); !st) return ctx.failure("backup: " + st.message());
   auto chain = BackupChain::load(dir);
   if (!chain) return ctx.failure("backup: " + chain.status().message());
   const Manifest* prev = chain->latest();

@@ -3,6 +3,8 @@
 // must not be mixed up fails cleanly (another volume in the directory, a
 // snapshot not taken, usage errors), and restore never overwrites a file
 // by surprise.
+#include <sys/file.h>
+
 #include "backup_fixture.h"
 
 namespace nbdsnap::bt {
@@ -128,6 +130,15 @@ TEST_F(Fallback, FullOnRequestAndPlainExports) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(compare_file(path("p.img"), p1), "");
 
+  // With SNAPSHOT, --uri must name that snapshot's export (CBT of one
+  // export and bytes of another would make a wrong incremental).
+  CommandResult other = nbdsnap({"backup", "s1", "--to", dir, "--uri", "nbd+unix:///vol0?socket=" + nbd_socket_});
+  EXPECT_EQ(other.exit_code, 1);
+  EXPECT_NE(other.err.find("--uri names the export 'vol0', not the snapshot's export vol0@s1"), std::string::npos)
+      << other.err;
+  JValue by_uri = nbdsnap_json({"backup", "s1", "--to", dir, "--uri", uri});
+  EXPECT_EQ(by_uri["kind"].str(), "incremental");
+
   // Backups of another volume do not go into that directory.
   CommandResult wrong = nbdsnap({"backup", "--uri", uri, "--to", dir});
   EXPECT_EQ(wrong.exit_code, 1);
@@ -172,6 +183,17 @@ TEST_F(Fallback, BadRequestsFailCleanly) {
   r = nbdsnap({"restore", dir, "--to", target, "--force"});
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(compare_file(target, model_), "");
+
+  // One backup at a time per directory.
+  {
+    int fd = ::open((dir + "/.nbdsnap-backup.lock").c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::flock(fd, LOCK_EX), 0);
+    r = nbdsnap({"backup", "s1", "--to", dir});
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_NE(r.err.find("another backup into " + dir + " is running"), std::string::npos) << r.err;
+    ::close(fd);
+  }
 
   // A leftover .part file of an interrupted run does not count and goes.
   {
