@@ -622,7 +622,7 @@ const std::vector<CommandSpec>& commands() {
        {{"--to", "DIR", "the backup directory (created if missing; one directory per volume)", true},
         {"--uri", "URI",
          "read from this NBD URI: a plain export (without SNAPSHOT; always a full backup), or the snapshot's "
-         "export by another way, e.g. over TCP (with SNAPSHOT)"},
+         "export VOLUME@SNAPSHOT by another way, e.g. over TCP (with SNAPSHOT; it must name that export)"},
         {"--volume", "NAME", "the volume to back up when SNAPSHOT covers several"},
         {"--full", "", "a full backup even when an incremental one is possible"},
         {"--connections", "N", "NBD connections (default 4 when the server offers multi-conn, else 1)"},
