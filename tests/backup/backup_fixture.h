@@ -29,6 +29,14 @@ class BackupTest : public DaemonTest {
       if (find_program(tool).empty()) GTEST_SKIP() << tool << " is not installed (Debian package qemu-utils)";
   }
 
+  // A sparse volume file of SIZE bytes, the daemon serving it as vol0, and
+  // the model all zeros.
+  ::testing::AssertionResult start_volume(uint64_t size, std::vector<std::string> daemon_args = {}) {
+    make_sparse_file(volume_path_, size);
+    model_.assign(size, 0);
+    return start_daemon(std::move(daemon_args));
+  }
+
   // nbdsnap --api SOCKET ARGS...
   CommandResult nbdsnap(std::vector<std::string> args, int timeout_s = 120) {
     std::vector<std::string> argv = {cli_, "--api", api_socket_};

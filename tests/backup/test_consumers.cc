@@ -14,9 +14,7 @@ class Consumers : public BackupTest {
   void SetUp() override {
     BackupTest::SetUp();
     if (IsSkipped()) return;
-    make_sparse_file(volume_path_, kSize);
-    ASSERT_TRUE(start_daemon());
-    model_.assign(kSize, 0);
+    ASSERT_TRUE(start_volume(kSize));
     std::mt19937_64 rng(3);
     std::string err;
     NbdPtr h = open(kVolume, {}, &err);

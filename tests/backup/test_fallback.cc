@@ -17,9 +17,7 @@ class Fallback : public BackupTest {
   void SetUp() override {
     BackupTest::SetUp();
     if (IsSkipped()) return;
-    make_sparse_file(volume_path_, kSize);
-    ASSERT_TRUE(start_daemon());
-    model_.assign(kSize, 0);
+    ASSERT_TRUE(start_volume(kSize));
     rng_.seed(11);
   }
   // A few random writes, then snapshot NAME taken; returns the model.

@@ -16,9 +16,7 @@ constexpr uint64_t kBlock = 64 * KiB;  // the CBT block at this size
 constexpr int kRounds = 6;
 
 TEST_F(Rounds, EveryPointRestoresExactly) {
-  make_sparse_file(volume_path_, kSize);
-  ASSERT_TRUE(start_daemon());
-  model_.assign(kSize, 0);
+  ASSERT_TRUE(start_volume(kSize));
   uint64_t seed = std::random_device{}();
   if (const char* s = std::getenv("NBDSNAP_SEED")) seed = std::strtoull(s, nullptr, 10);
   std::printf("seed %llu (NBDSNAP_SEED to replay)\n", static_cast<unsigned long long>(seed));

@@ -21,14 +21,12 @@ std::string tcp_uri(const JValue& snapshot_or_volume) {
 
 TEST_F(Tls, BackupNeedsTheKey) {
   if (find_program("nbdinfo").empty()) GTEST_SKIP() << "nbdinfo is not installed (libnbd-bin)";
-  make_sparse_file(volume_path_, kSize);
   const std::string psk = path("keys.psk"), wrong = path("wrong.psk");
   {
     std::ofstream(psk) << "alice:3f1c2a9b7d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8\n";
     std::ofstream(wrong) << "alice:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n";
   }
-  ASSERT_TRUE(start_daemon({"--nbd-listen", "127.0.0.1:0", "--tls-psk", psk}));
-  model_.assign(kSize, 0);
+  ASSERT_TRUE(start_volume(kSize, {"--nbd-listen", "127.0.0.1:0", "--tls-psk", psk}));
   std::mt19937_64 rng(5);
   auto write_some = [&] {
     // TLS is required on the Unix socket too: write with the key.
