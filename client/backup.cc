@@ -92,11 +92,11 @@ Result<Manifest> run_backup(const BackupChain& chain, const BackupRequest& r) {
   if (full) m.data = m.name + ".raw";
   const std::string image = chain.path_of(m.file), part = image + ".part", manifest = chain.path_of(m.name + ".json");
   const std::string data = full ? chain.path_of(m.data) : "", data_part = data + ".part";
-  if (exists(image) || exists(manifest) || (full && exists(data)))
-    return Status::error(EEXIST, "backup " + m.name + ": " + image + " or its manifest exists already");
-  // Left by an interrupted run.
-  ::unlink(part.c_str());
-  if (full) ::unlink(data_part.c_str());
+  if (exists(manifest)) return Status::error(EEXIST, "backup " + m.name + ": " + manifest + " exists already");
+  // Files of this number without a manifest are what an interrupted run
+  // left (the caller holds the directory's lock): they are not a backup.
+  for (const std::string& f : {image, part, chain.path_of(m.name + ".raw"), chain.path_of(m.name + ".raw.part")})
+    if (exists(f) && ::unlink(f.c_str()) != 0) return Status::from_errno("backup " + m.name + ": remove leftover " + f);
   // From here on, a failure removes what this backup wrote.
   struct Cleanup {
     std::vector<std::string> paths;
@@ -130,6 +130,7 @@ Result<Manifest> run_backup(const BackupChain& chain, const BackupRequest& r) {
     }
     o.sink = SinkKind::kFile;
     o.sink_fd = fd;
+    o.sink_path = data_part;
     o.write_zeroes = false;
     moved = BlockMover(o).run(ranges, &crcs, r.size);
     int e = moved && ::fsync(fd) != 0 ? errno : 0;
@@ -238,6 +239,7 @@ Result<RestoreResult> run_restore(const BackupChain& chain, const Manifest& poin
         return Status::from_errno(what + ": size " + t.path);
     }
     o.sink_fd = fd;
+    o.sink_path = t.path;
   }
   auto server = QemuNbd::serve(chain.path_of(point.file), true, connections > 0 ? connections : 4);
   if (!server) return server.status().with_context(what);

@@ -149,7 +149,7 @@ Result<Manifest> Manifest::parse(const std::string& text) {
     const json::JValue& r = cs["runs"][i];
     uint64_t first = r[0].u64();
     const std::string& hex = r[1].str();
-    if (!r[0].is_number() || hex.size() % 8 != 0 || first + hex.size() / 8 > nblocks)
+    if (!r[0].is_number() || hex.size() % 8 != 0 || first > nblocks || hex.size() / 8 > nblocks - first)
       return Status::error(EINVAL, "checksums: bad run " + std::to_string(i));
     std::vector<uint32_t> crcs(hex.size() / 8);
     for (size_t k = 0; k < crcs.size(); ++k) {

@@ -21,6 +21,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// The largest NBD request sent (qemu-nbd refuses more than 32 MiB).
+constexpr uint64_t kMaxRequest = 32 << 20;
+
 // One request-sized piece of the work with its allocation.
 struct Piece {
   uint64_t offset = 0;
@@ -61,7 +64,8 @@ struct Shared {
   std::vector<uint32_t>* crcs;
   uint64_t size;
   uint32_t zero_block_crc;
-  const char* zeros;  // request_size bytes of zeros
+  const char* zeros;  // zeros_size bytes of zeros
+  uint64_t zeros_size;
   std::atomic<size_t> next{0};
   std::atomic<uint64_t> done{0}, read{0}, written{0}, zero{0};
   std::atomic<bool> failed{false};
@@ -117,7 +121,10 @@ class Worker {
   }
 
   Status loop() {
-    slots_.resize(static_cast<size_t>(std::max(1, o_.requests_per_connection)));
+    // About 64 MiB of buffers per connection at most.
+    int slots = std::max(1, o_.requests_per_connection);
+    slots = static_cast<int>(std::max<uint64_t>(2, std::min<uint64_t>(slots, (64u << 20) / o_.request_size)));
+    slots_.resize(static_cast<size_t>(slots));
     for (auto& s : slots_) {
       s.buf = aligned_buffer(o_.request_size);
       if (!s.buf) return Status::error(ENOMEM, "allocate read buffers");
@@ -169,10 +176,13 @@ class Worker {
         std::memset(at, 0, e.length);
         continue;
       }
-      if (::nbd_aio_pread(src_.get(), at, e.length, e.offset, callback(s), 0) == -1)
-        return Status::error(nbd_last_errno(), "read " + range_text(*p) + " from " + o_.source.display() + ": " +
-                                                   nbd_last_error());
-      ++s->pending;
+      for (uint64_t done = 0; done < e.length; done += kMaxRequest) {
+        uint64_t n = std::min(kMaxRequest, e.length - done);
+        if (::nbd_aio_pread(src_.get(), at + done, n, e.offset + done, callback(s), 0) == -1)
+          return Status::error(nbd_last_errno(), "read " + range_text(*p) + " from " + o_.source.display() + ": " +
+                                                     nbd_last_error());
+        ++s->pending;
+      }
       sh_->read += e.length;
     }
     return Status::ok();
@@ -237,10 +247,13 @@ class Worker {
     switch (o_.sink) {
       case SinkKind::kNone: return Status::ok();
       case SinkKind::kNbd:
-        if (::nbd_aio_pwrite(dst_->get(), data, len, offset, callback(s), 0) == -1)
-          return Status::error(nbd_last_errno(), "write " + std::to_string(offset) + ":" + std::to_string(len) +
-                                                     " to " + o_.sink_endpoint.display() + ": " + nbd_last_error());
-        ++s->pending;
+        for (uint64_t done = 0; done < len; done += kMaxRequest) {
+          uint64_t n = std::min(kMaxRequest, len - done);
+          if (::nbd_aio_pwrite(dst_->get(), data + done, n, offset + done, callback(s), 0) == -1)
+            return Status::error(nbd_last_errno(), "write " + std::to_string(offset + done) + ":" + std::to_string(n) +
+                                                       " to " + o_.sink_endpoint.display() + ": " + nbd_last_error());
+          ++s->pending;
+        }
         return Status::ok();
       case SinkKind::kFile: return pwrite_all(data, offset, len);
     }
@@ -252,7 +265,8 @@ class Worker {
       ssize_t n = ::pwrite(o_.sink_fd, data, len, static_cast<off_t>(offset));
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0)
-        return Status::from_errno("write " + std::to_string(offset) + ":" + std::to_string(len), n < 0 ? errno : EIO);
+        return Status::from_errno("write " + std::to_string(offset) + ":" + std::to_string(len) + " to " + o_.sink_path,
+                                  n < 0 ? errno : EIO);
       data += n, offset += static_cast<uint64_t>(n), len -= static_cast<uint64_t>(n);
     }
     return Status::ok();
@@ -263,14 +277,17 @@ class Worker {
       case SinkKind::kNone: return Status::ok();
       case SinkKind::kNbd:
         if (dst_->can_zero()) {
-          if (::nbd_aio_zero(dst_->get(), len, offset, callback(s), 0) == -1)
-            return Status::error(nbd_last_errno(), "zero " + std::to_string(offset) + ":" + std::to_string(len) +
-                                                       " on " + o_.sink_endpoint.display() + ": " + nbd_last_error());
-          ++s->pending;
+          for (uint64_t done = 0; done < len; done += kMaxRequest) {
+            uint64_t n = std::min(kMaxRequest, len - done);
+            if (::nbd_aio_zero(dst_->get(), n, offset + done, callback(s), 0) == -1)
+              return Status::error(nbd_last_errno(), "zero " + std::to_string(offset + done) + ":" + std::to_string(n) +
+                                                         " on " + o_.sink_endpoint.display() + ": " + nbd_last_error());
+            ++s->pending;
+          }
           return Status::ok();
         }
         for (uint64_t done = 0; done < len;) {
-          uint64_t n = std::min(len - done, o_.request_size);
+          uint64_t n = std::min(len - done, sh_->zeros_size);
           if (Status st = write_data(s, sh_->zeros, offset + done, n); !st) return st;
           done += n;
         }
@@ -284,7 +301,7 @@ class Worker {
           return Status::ok();
         }
         for (uint64_t done = 0; done < len;) {
-          uint64_t n = std::min(len - done, o_.request_size);
+          uint64_t n = std::min(len - done, sh_->zeros_size);
           if (Status st = pwrite_all(sh_->zeros, offset + done, n); !st) return st;
           done += n;
         }
@@ -347,14 +364,30 @@ Result<MoveResult> BlockMover::run(const std::vector<ByteRange>& ranges, std::ve
 
   auto first = NbdConnection::open(o_.source);
   if (!first) return first.status();
-  res.source_size = first->size();
-  if (expected_size != 0 && first->size() != expected_size)
-    return Status::error(EINVAL, o_.source.display() + ": size " + std::to_string(first->size()) + ", expected " +
-                                     std::to_string(expected_size));
-  const uint64_t size = first->size();
+  uint64_t size = first->size();
+  if (expected_size != 0) {
+    if (size != expected_size && size != (expected_size + 511) / 512 * 512)
+      return Status::error(EINVAL, o_.source.display() + ": size " + std::to_string(first->size()) + ", expected " +
+                                       std::to_string(expected_size));
+    size = expected_size;
+  }
+  res.source_size = size;
   if (crcs->size() < block_count(size, bs)) return Status::error(EINVAL, "checksum array too small");
-  int conns = o_.connections > 0 ? o_.connections : (first->multi_conn() ? 4 : 1);
-  if (!first->multi_conn()) conns = 1;  // the server does not promise consistency across connections
+  int conns = o_.connections > 0 ? o_.connections : 4;
+  // Without multi-conn the server promises no consistency across
+  // connections and may take a single client (a second connect would hang).
+  if (!first->multi_conn()) conns = 1;
+  std::optional<NbdConnection> first_sink;
+  if (o_.sink == SinkKind::kNbd) {
+    auto d = NbdConnection::open(o_.sink_endpoint);
+    if (!d) return d.status();
+    if (d->read_only()) return Status::error(EROFS, "write to " + o_.sink_endpoint.display() + ": the export is read-only");
+    if (d->size() < size)
+      return Status::error(ENOSPC, "write to " + o_.sink_endpoint.display() + ": " + std::to_string(d->size()) +
+                                       " bytes, smaller than the " + std::to_string(size) + " to write");
+    if (!d->multi_conn()) conns = 1;
+    first_sink = std::move(*d);
+  }
   res.connections = conns;
 
   // Pieces with their allocation.
@@ -383,9 +416,10 @@ Result<MoveResult> BlockMover::run(const std::vector<ByteRange>& ranges, std::ve
     }
   }
 
-  Buffer zero_block = aligned_buffer(o_.request_size);
+  const uint64_t zeros_size = std::min<uint64_t>(o_.request_size, 4 << 20);
+  Buffer zero_block = aligned_buffer(std::max(zeros_size, bs));
   if (!zero_block) return Status::error(ENOMEM, "allocate buffers");
-  std::memset(zero_block.get(), 0, o_.request_size);
+  std::memset(zero_block.get(), 0, std::max(zeros_size, bs));
   Shared sh;
   sh.o = &o_;
   sh.pieces = &pieces;
@@ -393,6 +427,7 @@ Result<MoveResult> BlockMover::run(const std::vector<ByteRange>& ranges, std::ve
   sh.size = size;
   sh.zero_block_crc = crc32c(zero_block.get(), bs);
   sh.zeros = zero_block.get();
+  sh.zeros_size = zeros_size;
 
   std::vector<std::unique_ptr<Worker>> workers;
   for (int i = 0; i < conns; ++i) {
@@ -406,13 +441,13 @@ Result<MoveResult> BlockMover::run(const std::vector<ByteRange>& ranges, std::ve
     }
     std::optional<NbdConnection> dst;
     if (o_.sink == SinkKind::kNbd) {
-      auto d = NbdConnection::open(o_.sink_endpoint);
-      if (!d) return d.status();
-      if (d->read_only()) return Status::error(EROFS, "write to " + o_.sink_endpoint.display() + ": the export is read-only");
-      if (d->size() < size)
-        return Status::error(ENOSPC, "write to " + o_.sink_endpoint.display() + ": " + std::to_string(d->size()) +
-                                         " bytes, smaller than the " + std::to_string(size) + " to write");
-      dst = std::move(*d);
+      if (i == 0) {
+        dst = std::move(first_sink);
+      } else {
+        auto d = NbdConnection::open(o_.sink_endpoint);
+        if (!d) return d.status();
+        dst = std::move(*d);
+      }
     }
     workers.push_back(std::make_unique<Worker>(&sh, std::move(*src), std::move(dst)));
   }

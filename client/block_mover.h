@@ -34,13 +34,16 @@ enum class SinkKind { kNone, kNbd, kFile };
 struct MoveOptions {
   NbdEndpoint source;
   uint64_t block_size = 65536;      // checksum unit; ranges are aligned to it
-  int connections = 0;              // 0: 4 if the source offers multi-conn, else 1
-  uint64_t request_size = 2 << 20;  // bytes per read request (rounded to blocks)
-  int requests_per_connection = 8;
+  // 0: 4. Always 1 when the source, or an NBD sink, does not offer
+  // multi-conn (such a server may accept a single client).
+  int connections = 0;
+  uint64_t request_size = 2 << 20;  // bytes per piece (whole blocks); NBD requests are at most 32 MiB
+  int requests_per_connection = 8;  // pieces in flight per connection (fewer for huge blocks)
 
   SinkKind sink = SinkKind::kNone;
   NbdEndpoint sink_endpoint;  // kNbd
   int sink_fd = -1;           // kFile: written with pwrite from every worker
+  std::string sink_path;      // kFile: its name, for messages
   bool sink_is_block_device = false;
   // Zero blocks become zero requests (the target may hold other data);
   // otherwise they are skipped (the target reads as zero already).
@@ -66,7 +69,8 @@ class BlockMover {
   // Moves RANGES (sorted, disjoint, block-aligned except at the end of the
   // export). (*crcs)[b] receives the CRC-32C of every block b they cover;
   // crcs must hold ceil(size / block_size) entries. EXPECTED_SIZE, if not
-  // zero, must be the source's size.
+  // zero, is the size to move: the source's size, or that rounded up to 512
+  // (qcow2 images are).
   Result<MoveResult> run(const std::vector<ByteRange>& ranges, std::vector<uint32_t>* crcs,
                          uint64_t expected_size = 0);
 

@@ -625,7 +625,7 @@ const std::vector<CommandSpec>& commands() {
          "export VOLUME@SNAPSHOT by another way, e.g. over TCP (with SNAPSHOT; it must name that export)"},
         {"--volume", "NAME", "the volume to back up when SNAPSHOT covers several"},
         {"--full", "", "a full backup even when an incremental one is possible"},
-        {"--connections", "N", "NBD connections (default 4 when the server offers multi-conn, else 1)"},
+        {"--connections", "N", "NBD connections, 1 to 16 (default 4; always 1 when the server does not offer multi-conn)"},
         {"--tls-psk", "FILE", "TLS with this pre-shared key file (NAME:HEXKEY lines), required then"},
         {"--tls-username", "NAME", "the PSK identity (default: the first in the file)"},
         {"--block-size", "SIZE", "checksum block of a plain export (default 64K); a snapshot uses its CBT block"}},
@@ -652,7 +652,7 @@ const std::vector<CommandSpec>& commands() {
         {"--uri", "URI", "an NBD export of at least the size"},
         {"--volume", "NAME", "a volume of nbdsnapd, through its NBD export (same size)"},
         {"--force", "", "overwrite an existing regular file given with --to"},
-        {"--connections", "N", "NBD connections to read the backup with (default 4)"},
+        {"--connections", "N", "NBD connections, 1 to 16 (default 4; 1 when the target does not offer multi-conn)"},
         {"--tls-psk", "FILE", "TLS with this pre-shared key file, for --uri or --volume"},
         {"--tls-username", "NAME", "the PSK identity (default: the first in the file)"}},
        "restore one point of a backup chain to a file, device, NBD export or volume",
@@ -666,7 +666,7 @@ const std::vector<CommandSpec>& commands() {
        cmd_restore},
       {"", "verify", "DIR",
        {{"--backup", "NAME", "check this point entirely: every block, through its backing chain"},
-        {"--connections", "N", "NBD connections to read with (default 4)"}},
+        {"--connections", "N", "NBD connections to read with, 1 to 16 (default 4)"}},
        "check the checksums of a backup chain",
        "Reads the backups of DIR back through qemu-nbd and compares every block with its CRC-32C in the "
        "manifests. Without --backup, each backup's own blocks are read at its point (all the data the chain "

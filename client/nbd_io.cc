@@ -22,6 +22,7 @@ std::string first_psk_identity(const std::string& file) {
 }  // namespace
 
 std::string NbdEndpoint::display() const {
+  if (!label.empty()) return label;
   auto q = uri.find('?');
   if (q == std::string::npos) return uri;
   // Keep the socket of a unix URI (it says where), drop the rest.

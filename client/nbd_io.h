@@ -21,8 +21,10 @@ struct NbdEndpoint {
   std::string uri;            // nbd://, nbds://, nbd+unix://, nbds+unix://
   std::string tls_psk_file;   // "" : no TLS unless the URI asks for it
   std::string tls_username;   // "" : the first identity in tls_psk_file
+  std::string label;          // names it in messages instead of the URI, if set
 
-  // The URI without its query string (no key file names in messages).
+  // The label, else the URI without its query string (no key file names in
+  // messages) but with its socket.
   std::string display() const;
 };
 

@@ -37,7 +37,8 @@ class QemuNbd {
   QemuNbd& operator=(QemuNbd&&) = delete;
   ~QemuNbd();  // stop(), errors ignored
 
-  NbdEndpoint endpoint() const { return {"nbd+unix:///?socket=" + socket_, "", ""}; }
+  // Its URI, labelled with the image path for messages.
+  NbdEndpoint endpoint() const { return {"nbd+unix:///?socket=" + socket_, "", "", image_ + " (through qemu-nbd)"}; }
   // SIGTERM, then waits: qemu-nbd flushes and closes the image. Fails if it
   // exits with a non-zero status.
   Status stop();

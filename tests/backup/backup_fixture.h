@@ -90,6 +90,54 @@ class BackupTest : public DaemonTest {
   std::vector<char> model_;
 };
 
+// Another NBD server for a test (nbdkit with a stock plugin, qemu-nbd):
+// started with its output in LOG, ready once SOCKET accepts; SIGTERM and
+// reaped when it goes.
+class ServerProcess {
+ public:
+  ~ServerProcess() { stop(); }
+  ::testing::AssertionResult start(const std::vector<std::string>& argv, const std::string& socket,
+                                   const std::string& log) {
+    ::unlink(socket.c_str());
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      ::dup2(fd, 1);
+      ::dup2(fd, 2);
+      ::execvp(args[0], args.data());
+      ::_exit(127);
+    }
+    ::close(fd);
+    for (int i = 0; i < 2000; ++i) {
+      int status;
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return ::testing::AssertionFailure() << argv[0] << " exited: " << read_text(log);
+      }
+      int c = unix_connect(socket);
+      if (c >= 0) {
+        ::close(c);
+        return ::testing::AssertionSuccess();
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return ::testing::AssertionFailure() << argv[0] << " did not listen on " << socket << " within 20 s";
+  }
+  void stop() {
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGTERM);
+    int status;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+  }
+
+ private:
+  pid_t pid_ = -1;
+};
+
 // Random bytes (not compressible, never all zero in a 4 KiB run).
 inline std::vector<char> random_bytes(std::mt19937_64* rng, size_t n) {
   std::vector<char> v(n);

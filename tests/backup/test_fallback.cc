@@ -193,14 +193,63 @@ TEST_F(Fallback, BadRequestsFailCleanly) {
     ::close(fd);
   }
 
-  // A leftover .part file of an interrupted run does not count and goes.
-  {
-    std::ofstream f(dir + "/backup-0002.qcow2.part");
-    f << "junk";
-  }
-  JValue m = nbdsnap_json({"backup", "s1", "--to", dir});
+  // Files of an interrupted run (no manifest) do not count and go, even
+  // after their rename.
+  for (const char* f : {"/backup-0002.qcow2.part", "/backup-0002.raw", "/backup-0002.raw.part"})
+    std::ofstream(dir + f) << "junk";
+  JValue m = nbdsnap_json({"backup", "s1", "--to", dir, "--full"});
   EXPECT_EQ(m["name"].str(), "backup-0002");
   EXPECT_FALSE(fs::exists(dir + "/backup-0002.qcow2.part"));
+  EXPECT_FALSE(fs::exists(dir + "/backup-0002.raw.part"));
+  r = nbdsnap({"verify", dir});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+}
+
+// Plain exports of odd shapes: a size that is not a multiple of 512 (qcow2
+// rounds it up), and 64 MiB checksum blocks (more than one NBD request).
+TEST_F(Fallback, OddSizesAndHugeBlocks) {
+  for (auto [size, block] : {std::pair<uint64_t, std::string>{100000, "4K"}, {66 * MiB, "64M"}}) {
+    SCOPED_TRACE("size " + std::to_string(size) + ", block " + block);
+    std::string sock = path("mem.sock"), dir = path("odd-" + block);
+    ServerProcess mem;
+    ASSERT_TRUE(mem.start({"nbdkit", "-f", "-U", sock, "memory", "size=" + std::to_string(size)}, sock,
+                          path("nbdkit-memory.log")));
+    NbdPtr h = nbd_open(sock, "");
+    ASSERT_TRUE(h);
+    std::mt19937_64 rng(size);
+    std::vector<char> want(size, 0);
+    auto bytes = random_bytes(&rng, size / 2);
+    std::memcpy(want.data() + size / 4, bytes.data(), bytes.size());
+    ASSERT_EQ(nbd_write_all(h.get(), bytes.data(), bytes.size(), size / 4), "");
+    h.reset();
+    const std::string uri = "nbd+unix:///?socket=" + sock;
+    JValue m = nbdsnap_json({"backup", "--uri", uri, "--to", dir, "--block-size", block});
+    EXPECT_EQ(m["size"].u64(), size);
+    mem.stop();
+    CommandResult v = nbdsnap({"verify", dir, "--backup", "1"});
+    EXPECT_EQ(v.exit_code, 0) << v.err;
+    CommandResult r = nbdsnap({"restore", dir, "--to", path("odd.img"), "--force"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(compare_file(path("odd.img"), want), "");
+  }
+}
+
+// A restore target that takes a single client (qemu-nbd's default): one
+// connection, not a hang.
+TEST_F(Fallback, RestoreToASingleClientServer) {
+  auto expected = change_and_snapshot("s1");
+  const std::string dir = path("b");
+  nbdsnap_json({"backup", "s1", "--to", dir});
+  std::string target = path("target.img"), sock = path("q.sock");
+  make_sparse_file(target, kSize);
+  {
+    ServerProcess q;
+    ASSERT_TRUE(q.start({"qemu-nbd", "-f", "raw", "-k", sock, "--persistent", target}, sock, path("qemu-nbd.log")));
+    CommandResult r = run_command({cli_, "--api", api_socket_, "restore", dir, "--uri", "nbd+unix:///?socket=" + sock},
+                                  60);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  EXPECT_EQ(compare_file(target, expected), "");
 }
 
 TEST_F(Fallback, ProgressOnATerminalOnly) {

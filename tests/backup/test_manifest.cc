@@ -98,6 +98,7 @@ TEST(Manifest, ParseRefusesWhatIsWrong) {
   EXPECT_FALSE(bad("\"blocks\":5", "\"blocks\":4"));           // count differs
   EXPECT_FALSE(bad("\"crc32c\"", "\"md5\""));
   EXPECT_FALSE(bad("[[0,\"", "[[1,\""));                       // past the end
+  EXPECT_FALSE(bad("[[0,\"", "[[18446744073709551615,\""));   // first + count overflows
   Manifest partial = make(1, "full", "");
   partial.checksums = BlockChecksums::from_array(65536, {1, 2, 3, 4, 5}, {1, 1, 0, 1, 1});
   EXPECT_FALSE(Manifest::parse(partial.to_json().dump())) << "a full backup needs every block";
