@@ -223,8 +223,8 @@ Result<RestoreResult> run_restore(const BackupChain& chain, const Manifest& poin
       uint64_t dev_size = 0;
       if (::ioctl(fd, BLKGETSIZE64, &dev_size) != 0) return Status::from_errno(what + ": size of " + t.path);
       if (dev_size < point.size)
-        return Status::error(ENOSPC, what + ": " + t.path + " has " + std::to_string(dev_size) + " bytes, the backup " +
-                                         std::to_string(point.size));
+        return Status::error(ENOSPC, what + ": " + t.path + " has " + std::to_string(dev_size) +
+                                         " bytes, smaller than the backup's " + std::to_string(point.size));
       o.sink_is_block_device = true;
       o.write_zeroes = true;
     } else if (existed && !S_ISREG(st.st_mode)) {

@@ -252,6 +252,46 @@ TEST_F(Fallback, RestoreToASingleClientServer) {
   EXPECT_EQ(compare_file(target, expected), "");
 }
 
+// Restore to a block device (a loop device over a file full of junk): zero
+// blocks must be written as zeroes there, not skipped.
+TEST_F(Fallback, RestoreToABlockDevice) {
+  if (::geteuid() != 0 || find_program("losetup").empty()) GTEST_SKIP() << "needs root and losetup for a loop device";
+  auto expected = change_and_snapshot("s1");
+  const std::string dir = path("b");
+  nbdsnap_json({"backup", "s1", "--to", dir});
+  std::string backing = path("loop.img");
+  std::ofstream(backing, std::ios::binary).write(std::string(kSize, '\x5a').data(), kSize);
+  CommandResult l = run_command({"losetup", "--find", "--show", backing});
+  if (l.exit_code != 0) GTEST_SKIP() << "no loop device: " << l.err;
+  std::string dev = l.out.substr(0, l.out.find('\n'));
+  struct Detach {
+    std::string dev;
+    ~Detach() { run_command({"losetup", "-d", dev}); }
+  } detach{dev};
+  CommandResult r = nbdsnap({"restore", dir, "--to", dev});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // Through the device, then the file under it.
+  std::vector<char> got(kSize);
+  int fd = ::open(dev.c_str(), O_RDONLY | O_DIRECT);
+  ASSERT_GE(fd, 0);
+  void* buf = nullptr;
+  ASSERT_EQ(::posix_memalign(&buf, 4096, kSize), 0);
+  ASSERT_EQ(::pread(fd, buf, kSize, 0), static_cast<ssize_t>(kSize));
+  std::memcpy(got.data(), buf, kSize);
+  std::free(buf);
+  ::close(fd);
+  EXPECT_TRUE(got == expected) << "the device differs from the snapshot";
+  // A device smaller than the backup is refused.
+  std::string small = path("small.img");
+  make_sparse_file(small, kSize / 2);
+  CommandResult s2 = run_command({"losetup", "--find", "--show", small});
+  ASSERT_EQ(s2.exit_code, 0) << s2.err;
+  Detach d2{s2.out.substr(0, s2.out.find('\n'))};
+  r = nbdsnap({"restore", dir, "--to", d2.dev});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("smaller"), std::string::npos) << r.err;
+}
+
 TEST_F(Fallback, ProgressOnATerminalOnly) {
   if (find_program("script").empty()) GTEST_SKIP() << "script is not installed (bsdutils)";
   change_and_snapshot("s1");
