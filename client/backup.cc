@@ -131,6 +131,7 @@ Result<Manifest> run_backup(const BackupChain& chain, const BackupRequest& r) {
     o.sink = SinkKind::kFile;
     o.sink_fd = fd;
     o.sink_path = data_part;
+    o.start_writeback = true;  // the fsync before the manifest overlaps the copy
     o.write_zeroes = false;
     moved = BlockMover(o).run(ranges, &crcs, r.size);
     int e = moved && ::fsync(fd) != 0 ? errno : 0;
@@ -240,6 +241,7 @@ Result<RestoreResult> run_restore(const BackupChain& chain, const Manifest& poin
     }
     o.sink_fd = fd;
     o.sink_path = t.path;
+    o.start_writeback = true;
   }
   auto server = QemuNbd::serve(chain.path_of(point.file), true, connections > 0 ? connections : 4);
   if (!server) return server.status().with_context(what);

@@ -255,7 +255,12 @@ class Worker {
           ++s->pending;
         }
         return Status::ok();
-      case SinkKind::kFile: return pwrite_all(data, offset, len);
+      case SinkKind::kFile: {
+        Status st = pwrite_all(data, offset, len);
+        if (st && o_.start_writeback)
+          ::sync_file_range(o_.sink_fd, static_cast<off_t>(offset), static_cast<off_t>(len), SYNC_FILE_RANGE_WRITE);
+        return st;
+      }
     }
     return Status::ok();
   }

@@ -44,6 +44,9 @@ struct MoveOptions {
   NbdEndpoint sink_endpoint;  // kNbd
   int sink_fd = -1;           // kFile: written with pwrite from every worker
   std::string sink_path;      // kFile: its name, for messages
+  // kFile: start writeback of each write at once (sync_file_range), so that
+  // a final fsync finds little left and the disk works during the copy.
+  bool start_writeback = false;
   bool sink_is_block_device = false;
   // Zero blocks become zero requests (the target may hold other data);
   // otherwise they are skipped (the target reads as zero already).
