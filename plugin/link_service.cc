@@ -38,6 +38,8 @@ void fill(link::SnapshotInfo* out, const SnapshotInfo& i) {
   out->set_storage_limit(i.storage_limit);
   out->set_chunks_copied(i.chunks_copied);
   out->set_retained(i.retained);
+  out->set_chunk_table_bytes(i.chunk_table_bytes);
+  out->set_saved_stamps_bytes(i.saved_stamps_bytes);
 }
 
 void fill(link::VolumeInfo* vi, const Volume& v) {

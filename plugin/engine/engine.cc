@@ -433,7 +433,8 @@ Result<std::shared_ptr<Snapshot>> Engine::find(const std::string& id, const char
   return Status::error(ENOENT, std::string(op) + ": no such snapshot \"" + id + "\"");
 }
 
-SnapshotInfo Engine::describe(const Snapshot& s) const {
+SnapshotInfo Engine::describe(const Entry& e) const {
+  const Snapshot& s = *e.snapshot;
   SnapshotInfo i;
   i.id = s.id();
   i.name = s.name();
@@ -446,6 +447,10 @@ SnapshotInfo Engine::describe(const Snapshot& s) const {
   i.storage = s.storage().usage();
   i.storage_limit = s.storage_limit();
   i.chunks_copied = s.chunks_copied.load();
+  for (const auto& [volume, part] : e.parts) {
+    i.chunk_table_bytes += part->chunks.memory_bytes();
+    i.saved_stamps_bytes += part->saved_stamps.memory_bytes();
+  }
   return i;
 }
 
@@ -605,7 +610,7 @@ Result<SnapshotInfo> Engine::info(const std::string& id) const {
   std::lock_guard lk(mu_);
   auto s = find(id, "info");
   if (!s) return s.status();
-  return describe(**s);
+  return describe(snapshots_.at((*s)->id()));
 }
 
 std::vector<SnapshotInfo> Engine::collect(bool include_retained) const {
@@ -613,9 +618,9 @@ std::vector<SnapshotInfo> Engine::collect(bool include_retained) const {
   std::vector<SnapshotInfo> out;
   for (const auto& [id, e] : snapshots_) {
     if (!e.snapshot->destroyed) {
-      out.push_back(describe(*e.snapshot));
+      out.push_back(describe(e));
     } else if (include_retained) {
-      out.push_back(describe(*e.snapshot));
+      out.push_back(describe(e));
       out.back().retained = true;
       out.back().exports.clear();
     }

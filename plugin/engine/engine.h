@@ -56,6 +56,10 @@ struct SnapshotInfo {
   uint64_t storage_limit = 0;
   uint64_t chunks_copied = 0;
   bool retained = false;  // destroyed; storage still in use
+  // Heap bytes of the chunk tables and of the saved CBT stamps of its parts
+  // (statistics: memory per copied chunk).
+  uint64_t chunk_table_bytes = 0;
+  uint64_t saved_stamps_bytes = 0;
 };
 
 struct TakeResult {
@@ -137,7 +141,7 @@ class Engine {
     std::map<std::string, std::shared_ptr<SnapshotPart>> parts;  // by volume, while in a chain
   };
   Result<std::shared_ptr<Snapshot>> find(const std::string& id, const char* op) const;  // requires mu_
-  SnapshotInfo describe(const Snapshot& s) const;
+  SnapshotInfo describe(const Entry& e) const;
   Status check_storage_range(const StorageRange& r, const Snapshot& s) const;  // requires mu_
   Status save_registry(bool durable);  // requires mu_
   Status load_registry();

@@ -70,7 +70,7 @@ size_t U32Map::size() const {
 }
 
 size_t U32Map::memory_bytes() const {
-  size_t n = 0;
+  size_t n = kShards * sizeof(Shard);  // the shard array itself
   for (size_t i = 0; i < kShards; ++i) {
     std::shared_lock lock(shards_[i].mu);
     n += shards_[i].slots.capacity() * sizeof(Entry);

@@ -29,7 +29,7 @@ class U32Map {
   // otherwise *existing (if given) receives the value already there.
   bool insert(uint32_t key, uint32_t value, uint32_t* existing = nullptr);
   size_t size() const;
-  // Bytes of heap used by the tables.
+  // Bytes of heap used by the map (shard array and tables).
   size_t memory_bytes() const;
   // Calls fn(key, value) for every entry; fn must not call back into the map.
   void for_each(const std::function<void(uint32_t, uint32_t)>& fn) const;
