@@ -1,17 +1,325 @@
 #!/usr/bin/python3
 """Helpers of tests/bench/run.sh (Debian's /usr/bin/python3, standard library only).
 
-  bench.py fio FILE                      -> "IOPS MiB/s" of the write side of a fio JSON output
-  bench.py report --results TSV ...      -> prints the table and targets, writes the JSON
+  bench.py fio FILE [--read]             -> "IOPS MiB/s" of the write (or read) side of a fio JSON output
+  bench.py linkinfo SOCKET ID            -> JSON of a snapshot's info over the plugin's control link
+  bench.py takepause ...                 -> take pause as 4 origin writers see it (libnbd, processes)
+  bench.py cbt ...                       -> time and bytes of the API's cbt changes on a volume
+  bench.py report --results TSV ...      -> prints the table and targets, writes the JSON and the chart
+  bench.py chart --json FILE --chart PNG -> draws the chart again from a run's JSON
+
+The control link and the public API are spoken directly (a few lines of raw
+protobuf below: Debian's python3 has no protobuf module installed by default).
 """
 import argparse
 import datetime
 import json
 import os
 import platform
+import random
+import socket
 import statistics
 import subprocess
 import sys
+import time
+
+
+# ----------------------------------------------------------- raw protobuf
+def _varint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def pb(*fields):
+    """Encodes (number, value) pairs: int -> varint, str/bytes -> length-delimited."""
+    out = bytearray()
+    for num, v in fields:
+        if v is None:
+            continue
+        if isinstance(v, int):
+            out += _varint(num << 3) + _varint(v)
+        else:
+            b = v.encode() if isinstance(v, str) else bytes(v)
+            out += _varint(num << 3 | 2) + _varint(len(b)) + b
+    return bytes(out)
+
+
+def unpb(buf):
+    """Decodes a message into {number: [values]} (varints as int, the rest as bytes)."""
+    out, i = {}, 0
+    while i < len(buf):
+        key, i = _read_varint(buf, i)
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            v, i = _read_varint(buf, i)
+        elif wt == 2:
+            n, i = _read_varint(buf, i)
+            v, i = bytes(buf[i:i + n]), i + n
+        elif wt == 1:
+            v, i = buf[i:i + 8], i + 8
+        elif wt == 5:
+            v, i = buf[i:i + 4], i + 4
+        else:
+            raise ValueError(f"wire type {wt}")
+        out.setdefault(num, []).append(v)
+    return out
+
+
+def _read_varint(buf, i):
+    shift = n = 0
+    while True:
+        b = buf[i]
+        i += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, i
+
+
+def one(d, num, default=None):
+    v = d.get(num)
+    return v[0] if v else default
+
+
+class Framed:
+    """One connection to the control link or the API: varint-delimited frames.
+    Counts the bytes sent and received (frames included)."""
+
+    def __init__(self, path, api=False):
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.connect(path)
+        self.api = api
+        self.tag = 0
+        self.sent = self.received = 0
+        self.buf = bytearray()
+
+    def call(self, op_field, body):
+        self.tag += 1
+        req = pb((1, self.tag), (2, 1) if self.api else (2, None), (op_field, body))
+        frame = _varint(len(req)) + req
+        self.s.sendall(frame)
+        self.sent += len(frame)
+        while True:  # the length prefix, then the message
+            try:
+                n, i = _read_varint(self.buf, 0)
+                if len(self.buf) >= i + n:
+                    msg = bytes(self.buf[i:i + n])
+                    del self.buf[:i + n]
+                    self.received += i + n
+                    self.t_received = time.perf_counter()  # before decoding
+                    break
+            except IndexError:
+                pass
+            chunk = self.s.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("connection closed")
+            self.buf += chunk
+        resp = unpb(msg)
+        code = one(resp, 2, 0)
+        if code:
+            code = code - (1 << 64) if code >= 1 << 63 else code
+            raise RuntimeError(f"error {code}: {one(resp, 3, b'').decode()}")
+        return unpb(one(resp, op_field, b""))
+
+    def close(self):
+        self.s.close()
+
+
+# Control link (proto/link.proto) operations used here.
+def link_create(c, volume, name):
+    return one(c.call(12, pb((1, volume), (2, name))), 1).decode()
+
+
+def link_append(c, sid, path, length):
+    c.call(13, pb((1, sid), (2, path), (3, pb((1, 0), (2, length)))))
+
+
+def link_take(c, sid):
+    r = c.call(14, pb((1, sid)))
+    return one(r, 1, 0), one(r, 2, 0)  # sequence, pause_us
+
+
+def link_destroy(c, sid):
+    c.call(18, pb((1, sid)))
+
+
+def link_info(c, sid):
+    s = unpb(one(c.call(15, pb((1, sid))), 1, b""))
+    return {"name": one(s, 2, b"").decode(), "chunks_copied": one(s, 12, 0),
+            "storage_used": one(s, 10, 0), "chunk_table_bytes": one(s, 14, 0),
+            "saved_stamps_bytes": one(s, 15, 0)}
+
+
+def cmd_linkinfo(args):
+    c = Framed(args.socket)
+    print(json.dumps(link_info(c, args.id)))
+    c.close()
+
+
+def pct(values, p):
+    v = sorted(values)
+    if not v:
+        return None
+    k = (len(v) - 1) * p / 100
+    f = int(k)
+    return v[f] + (v[min(f + 1, len(v) - 1)] - v[f]) * (k - f)
+
+
+# ------------------------------------------------------------- take pause
+def _writer(uri, size, deadline, path, seed):
+    import array
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    rnd = random.Random(seed)
+    buf = bytes([seed & 0xFF]) * 4096
+    blocks = size // 4096
+    starts, ends = array.array("q"), array.array("q")
+    mono = time.monotonic_ns
+    while mono() < deadline:
+        off = rnd.randrange(blocks) * 4096
+        t0 = mono()
+        h.pwrite(buf, off)
+        starts.append(t0)
+        ends.append(mono())
+    h.shutdown()
+    with open(path, "wb") as f:
+        starts.tofile(f)
+        ends.tofile(f)
+
+
+def cmd_takepause(args):
+    """4 writer processes (one libnbd connection each, 4k random writes at
+    queue depth 1, every write timed) while the main process takes snapshots
+    over the control link. The pause a take causes is, as writers see it, the
+    longest write that overlapped the take call; also reported: the plugin's
+    own pause_us, and the writers' latency away from takes."""
+    import array
+    import multiprocessing as mp
+    n_takes, writers = args.takes, args.writers
+    deadline = time.monotonic_ns() + int((1.0 + n_takes * args.spacing * 2 + 5.0) * 1e9)
+    procs = []
+    for w in range(writers):
+        p = mp.Process(target=_writer, args=(args.uri, args.size, deadline, f"{args.dir}/writer{w}.bin", w + 1))
+        p.start()
+        procs.append(p)
+    c = Framed(args.socket)
+    time.sleep(1.0)
+    takes, prev = [], None
+    for i in range(n_takes):
+        name = f"tp{i}"
+        diff = f"{args.dir}/tp{i}.diff"
+        with open(diff, "wb") as f:
+            f.truncate(args.size)
+        sid = link_create(c, args.volume, name)
+        link_append(c, sid, diff, args.size)
+        time.sleep(args.spacing)
+        t0 = time.monotonic_ns()
+        _, pause_us = link_take(c, sid)
+        t1 = time.monotonic_ns()
+        takes.append((t0, t1, pause_us))
+        time.sleep(args.spacing)
+        if prev:  # keep one snapshot held: writes after each take are first touches
+            link_destroy(c, prev[0])
+            os.unlink(prev[1])
+        prev = (sid, diff)
+        if time.monotonic_ns() > deadline - int(2e9):
+            break
+    if prev:
+        link_destroy(c, prev[0])
+        os.unlink(prev[1])
+    c.close()
+    for p in procs:
+        p.join()
+        if p.exitcode != 0:
+            raise SystemExit(f"takepause: a writer failed ({p.exitcode})")
+    lat = []  # (start, end) of every write
+    for w in range(writers):
+        a = array.array("q")
+        path = f"{args.dir}/writer{w}.bin"
+        with open(path, "rb") as f:
+            a.fromfile(f, os.path.getsize(path) // 8)
+        n = len(a) // 2
+        lat += list(zip(a[:n], a[n:]))
+        os.unlink(path)
+    lat.sort()
+    seen = []
+    for t0, t1, _ in takes:
+        worst = max((e - s for s, e in lat if s < t1 and e > t0), default=0)
+        seen.append(worst / 1e6)
+    away = [(e - s) / 1e6 for s, e in lat if not any(s < t1 + 20e6 and e > t0 - 20e6 for t0, t1, _ in takes)]
+    res = {"takes": len(takes), "writers": writers, "writes": len(lat),
+           "seen_ms": seen, "plugin_pause_us": [p for _, _, p in takes],
+           "call_ms": [(t1 - t0) / 1e6 for t0, t1, _ in takes],
+           "seen_p50_ms": pct(seen, 50), "seen_p99_ms": pct(seen, 99), "seen_max_ms": max(seen),
+           "plugin_p50_ms": pct([p / 1000 for _, _, p in takes], 50),
+           "plugin_p99_ms": pct([p / 1000 for _, _, p in takes], 99),
+           "write_p50_ms_away": pct(away, 50), "write_p99_ms_away": pct(away, 99),
+           "writes_per_s": len(lat) / ((lat[-1][1] - lat[0][0]) / 1e9) if lat else 0}
+    print(json.dumps(res))
+
+
+# -------------------------------------------------------------------- CBT
+def cmd_cbt(args):
+    """Through nbdsnapd's public API: cbt info, 1% of the CBT blocks written
+    (one 4 KiB write each, random blocks), a snapshot taken, then `cbt changes
+    --since` the sequence before the writes, timed (round trip on the Unix
+    socket, an upper bound of the server time) and its bytes on the wire."""
+    import nbd
+    c = Framed(args.api, api=True)
+    for _ in range(100):  # until the data plane runs
+        if one(c.call(10, b""), 3, b"") == b"running":
+            break
+        time.sleep(0.1)
+
+    def take(name):  # snapshot create + take through the API; returns (id, closed sequence)
+        sid = one(unpb(one(c.call(14, pb((1, args.volume), (2, name))), 1)), 1).decode()
+        return sid, one(unpb(one(c.call(16, pb((1, sid))), 1)), 4)
+
+    info = c.call(21, pb((1, args.volume)))
+    gen = one(info, 1).decode()
+    bsize, bcount = one(info, 3), one(info, 4)
+    # The previous backup's snapshot, destroyed once read (its sequence stays
+    # valid for --since): the writes below then copy nothing.
+    base, seq0 = take("cbt-base")
+    c.call(20, pb((1, base)))
+    rnd = random.Random(5)
+    blocks = sorted(rnd.sample(range(bcount), max(1, bcount * args.percent // 100)))
+    h = nbd.NBD()
+    h.connect_uri(args.uri)
+    buf = nbd.Buffer.from_bytearray(bytearray(b"\x5a" * 4096))
+    for b in blocks:  # pipelined: 64 writes in flight, retired by the callback
+        while h.aio_in_flight() >= 64:
+            h.poll(-1)
+        h.aio_pwrite(buf, b * bsize, completion=lambda err: 1)
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    h.flush()
+    h.shutdown()
+    take("cbt")
+    out = {"volume_bytes": bcount * bsize, "block_size": bsize, "block_count": bcount,
+           "blocks_written": len(blocks)}
+    for label, snapshot in (("snapshot", "cbt"), ("live", None)):
+        times, sent, recv, ranges, changed = [], 0, 0, 0, 0
+        for _ in range(args.repeat):
+            s0, r0 = c.sent, c.received
+            t0 = time.perf_counter()
+            r = c.call(23, pb((1, args.volume), (2, gen), (3, seq0), (4, snapshot)))
+            times.append((c.t_received - t0) * 1000)  # request sent -> last byte of the reply
+            sent, recv = c.sent - s0, c.received - r0
+            ranges, changed = len(r.get(3, [])), one(r, 4, 0)
+        out[label] = {"ms_p50": pct(times, 50), "ms_min": min(times), "ms_max": max(times),
+                      "bytes_sent": sent, "bytes_received": recv, "ranges": ranges,
+                      "changed_bytes": changed, "samples_ms": times}
+    c.close()
+    print(json.dumps(out))
 
 
 def fio_json(path):
@@ -21,7 +329,7 @@ def fio_json(path):
 
 
 def cmd_fio(args):
-    job = fio_json(args.file)["jobs"][0]["write"]
+    job = fio_json(args.file)["jobs"][0]["read" if args.read else "write"]
     print(f"{job['iops']:.0f} {job['bw'] / 1024:.1f}")
 
 
@@ -48,6 +356,7 @@ def machine():
         "nbdkit": sh("nbdkit --version"),
         "fio": sh("fio --version"),
         "nbdcopy": sh("nbdcopy --version | head -1"),
+        "qemu": sh("qemu-storage-daemon --version | head -1"),
         "git": sh(f"git -C {os.path.dirname(os.path.abspath(__file__))} describe --always --dirty"),
     }
 
@@ -90,28 +399,22 @@ def fmt_ratio(r):
 def cmd_report(args):
     res = Results(args.results)
     m = res.median
+    pr = res.paired_ratio
     out = {"machine": machine(), "parameters": {
         "size_bytes": args.size, "chunk_bytes": args.chunk, "rounds": args.rounds,
-        "randwrite_runtime_s": args.runtime, "quick": bool(args.quick),
+        "fio_runtime_s": args.runtime, "quick": bool(args.quick),
         "run_seconds": args.seconds, "waited_for_quiet_seconds": args.waited, "workdir": args.workdir,
         "plugin_sha256_prefix": args.plugin_sha256, "loadavg_before": args.loadavg, "fstype": args.fstype, "build": args.build}}
     lines = []
     p = lines.append
     mach = out["machine"]
     p(f"nbdsnap benchmark, {mach['date']}, {mach['nproc']} cores ({mach['cpu']}), kernel {mach['kernel']}")
-    p(f"volume {args.size / 2**30:g} GiB, chunk {args.chunk >> 10} KiB, {args.rounds} round(s), "
-      f"medians (min-max), directory on {args.fstype}; {mach['nbdkit']}, {mach['fio']}")
-    p("ratio = median over the rounds of (case / baseline measured in the same round)")
+    p(f"volume {args.size / 2**30:g} GiB, chunk {args.chunk >> 10} KiB, {args.rounds} round(s), {args.runtime} s fio runs, "
+      f"medians (min-max), directory on {args.fstype}; {mach['nbdkit']}, {mach['fio']}, {mach['qemu']}")
+    p("ratio = median over the rounds of (case / other case measured in the same round)")
     p(f"run took {args.seconds} s, {args.waited} s of it waiting for other processes to leave the machine idle; "
       f"plugin sha256 {args.plugin_sha256}..., git {mach['git']}")
     p("")
-
-    write_rows = [("base", "a) nbdkit file (baseline)"), ("nosnap", "b) plugin, no snapshot"),
-                  ("first", "c) plugin, snapshot, first touch"), ("copied", "d) plugin, snapshot, all copied")]
-    hdr = f"{'case':<36} {'4k randwrite IOPS':>26} {'ratio':>6}   {'1M seqwrite MiB/s':>22} {'ratio':>6}"
-    p(hdr)
-    p("-" * len(hdr))
-    table = {}
 
     def cell(case, metric):
         v, sp = m(case, metric), res.spread(case, metric)
@@ -119,19 +422,33 @@ def cmd_report(args):
             return "-"
         return f"{fmt(v)} ({fmt(sp[0])}-{fmt(sp[1])})"
 
+    # ---- writes and random reads against nbdkit file
+    write_rows = [("base", "a) nbdkit file (baseline)"), ("nosnap", "b) plugin, no snapshot"),
+                  ("first", "c) plugin, snapshot, first touch"), ("copied", "d) plugin, snapshot, all copied"),
+                  ("n1", "   nsnap: 1 snapshot, first touch"), ("n4", "   nsnap: 4 snapshots, first touch"),
+                  ("n16", "   nsnap: 16 snapshots, first touch"),
+                  ("qnbd", "q) qemu-nbd, no snapshot"), ("qfirst", "q) QEMU cbw, first touch"),
+                  ("qcopied", "q) QEMU cbw, all copied")]
+    hdr = (f"{'case':<36} {'4k randwrite IOPS':>24} {'ratio':>6}  {'1M seqwrite MiB/s':>20} {'ratio':>6}  "
+           f"{'4k randread IOPS':>24} {'ratio':>6}")
+    p(hdr)
+    p("-" * len(hdr))
+    table = {}
     for case, label in write_rows:
-        rr, rs = res.paired_ratio(case, "base", "rand_iops"), res.paired_ratio(case, "base", "seq_mibs")
-        p(f"{label:<36} {cell(case, 'rand_iops'):>26} {fmt_ratio(rr):>6}   "
-          f"{cell(case, 'seq_mibs'):>22} {fmt_ratio(rs):>6}")
+        rr, rs, rq = pr(case, "base", "rand_iops"), pr(case, "base", "seq_mibs"), pr(case, "base", "rread_iops")
+        p(f"{label:<36} {cell(case, 'rand_iops'):>24} {fmt_ratio(rr):>6}  {cell(case, 'seq_mibs'):>20} {fmt_ratio(rs):>6}  "
+          f"{cell(case, 'rread_iops'):>24} {fmt_ratio(rq):>6}")
         table[case] = {"rand_iops": m(case, "rand_iops"), "rand_ratio": rr,
                        "seq_mibs": m(case, "seq_mibs"), "seq_ratio": rs,
+                       "rread_iops": m(case, "rread_iops"), "rread_ratio": rq,
                        "rand_iops_samples": res.samples.get((case, "rand_iops")),
-                       "seq_mibs_samples": res.samples.get((case, "seq_mibs"))}
+                       "seq_mibs_samples": res.samples.get((case, "seq_mibs")),
+                       "rread_iops_samples": res.samples.get((case, "rread_iops"))}
     nf = m("newfile", "seq_mibs")
     if nf is not None:
-        p(f"{'  reference: dd 1M blocks to a new file':<36} {'':>26} {'':>6}   {cell('newfile', 'seq_mibs'):>22} "
-          f"{fmt_ratio(res.paired_ratio('newfile', 'base', 'seq_mibs')):>6}")
-        table["newfile_dd"] = {"seq_mibs": nf, "seq_ratio": res.paired_ratio("newfile", "base", "seq_mibs"),
+        p(f"{'  reference: dd 1M blocks to a new file':<36} {'':>24} {'':>6}  {cell('newfile', 'seq_mibs'):>20} "
+          f"{fmt_ratio(pr('newfile', 'base', 'seq_mibs')):>6}")
+        table["newfile_dd"] = {"seq_mibs": nf, "seq_ratio": pr("newfile", "base", "seq_mibs"),
                                "seq_mibs_samples": res.samples.get(("newfile", "seq_mibs"))}
     copied_in_rand = m("first", "rand_chunks_copied")
     if copied_in_rand is not None:
@@ -142,31 +459,99 @@ def cmd_report(args):
     p("")
     p(f"{f'4k writes, one per {args.chunk >> 10} KiB chunk (first touch)':<52} {'IOPS':>26} {'ratio':>6}")
     for case, label in [("base", "  a) nbdkit file"), ("nosnap", "  b) plugin, no snapshot"),
-                        ("first", "  c) plugin, fresh snapshot")]:
-        r = res.paired_ratio(case, "base", "touch_iops")
+                        ("first", "  c) plugin, fresh snapshot"), ("qfirst", "  q) QEMU cbw, fresh")]:
+        r = pr(case, "base", "touch_iops")
         p(f"{label:<52} {cell(case, 'touch_iops'):>26} {fmt_ratio(r):>6}")
         table.setdefault(case, {})["one_write_per_chunk_iops"] = m(case, "touch_iops")
         table[case]["one_write_per_chunk_ratio"] = r
     p("")
 
-    p(f"{'nbdcopy read to null:':<52} {'MiB/s':>26} {'ratio':>6}")
+    # ---- nbdcopy reads
+    p(f"{'nbdcopy read to null: MiB/s':<46} {'1 connection':>22} {'ratio':>6}  {'4 connections':>22} {'ratio':>6}")
     reads = {}
-    for case, label in [("base_read", "  nbdkit file (baseline)"), ("vol_read", "  plugin volume vol0"),
-                        ("snap_fresh_read", "  snapshot export, fresh (reads the origin)"),
-                        ("snap_copied_read", "  snapshot export, all copied (diff storage)")]:
-        r = res.paired_ratio(case, "base_read", "read_mibs")
-        p(f"{label:<52} {cell(case, 'read_mibs'):>26} {fmt_ratio(r):>6}")
-        reads[case] = {"mibs": m(case, "read_mibs"), "ratio": r, "samples": res.samples.get((case, "read_mibs"))}
+    for case, label in [("base_read", "  a) nbdkit file (baseline)"), ("vol_read", "  b) plugin volume vol0"),
+                        ("snap_fresh_read", "  c) snapshot, fresh (reads the origin)"),
+                        ("snap_copied_read", "  d) snapshot, all copied (diff storage)"),
+                        ("qnbd_read", "  q) qemu-nbd"),
+                        ("qsnap_fresh_read", "  q) QEMU snapshot-access, fresh"),
+                        ("qsnap_copied_read", "  q) QEMU snapshot-access, all copied")]:
+        r1, r4 = pr(case, "base_read", "read_mibs"), pr(case, "base_read", "read4_mibs")
+        p(f"{label:<46} {cell(case, 'read_mibs'):>22} {fmt_ratio(r1):>6}  {cell(case, 'read4_mibs'):>22} {fmt_ratio(r4):>6}")
+        reads[case] = {"mibs": m(case, "read_mibs"), "ratio": r1, "samples": res.samples.get((case, "read_mibs")),
+                       "mibs4": m(case, "read4_mibs"), "ratio4": r4, "samples4": res.samples.get((case, "read4_mibs"))}
     p("")
 
+    # ---- nbdsnap vs QEMU, paired
+    vsq = [("4k randwrite, no snapshot (qemu-nbd)", "nosnap", "qnbd", "rand_iops"),
+           ("4k randwrite, snapshot, first touch", "first", "qfirst", "rand_iops"),
+           ("4k randwrite, snapshot, all copied", "copied", "qcopied", "rand_iops"),
+           ("1M seqwrite, no snapshot (qemu-nbd)", "nosnap", "qnbd", "seq_mibs"),
+           ("1M seqwrite, snapshot, first touch", "first", "qfirst", "seq_mibs"),
+           ("1M seqwrite, snapshot, all copied", "copied", "qcopied", "seq_mibs"),
+           ("4k randread, no snapshot (qemu-nbd)", "nosnap", "qnbd", "rread_iops"),
+           ("4k randread, snapshot, first touch", "first", "qfirst", "rread_iops"),
+           ("4k randread, snapshot, all copied", "copied", "qcopied", "rread_iops"),
+           ("4k one write per chunk, first touch", "first", "qfirst", "touch_iops"),
+           ("snapshot read, fresh, 1 connection", "snap_fresh_read", "qsnap_fresh_read", "read_mibs"),
+           ("snapshot read, fresh, 4 connections", "snap_fresh_read", "qsnap_fresh_read", "read4_mibs"),
+           ("snapshot read, all copied, 1 connection", "snap_copied_read", "qsnap_copied_read", "read_mibs"),
+           ("snapshot read, all copied, 4 connections", "snap_copied_read", "qsnap_copied_read", "read4_mibs")]
+    p(f"{'nbdsnap vs QEMU (same round)':<44} {'nbdsnap':>10} {'QEMU':>10} {'ratio':>7}")
+    vs = {}
+    for label, ours, theirs, metric in vsq:
+        r = pr(ours, theirs, metric)
+        unit = "MiB/s" if "mibs" in metric else "IOPS"
+        p(f"  {label:<42} {fmt(m(ours, metric)):>10} {fmt(m(theirs, metric)):>10} {fmt_ratio(r):>7}  {unit}")
+        vs[label] = {"nbdsnap": m(ours, metric), "qemu": m(theirs, metric), "ratio": r, "unit": unit}
+    p("")
+
+    # ---- N snapshots
+    p(f"{'write cost with N snapshots held (first touch, one volume)':<48} {'4k randwrite IOPS':>18} {'ratio':>6}  {'1M seqwrite MiB/s':>18} {'ratio':>6}")
+    multi = {}
+    for case, label in [("n1", "  1 snapshot"), ("n4", "  4 snapshots"), ("n16", "  16 snapshots")]:
+        rr, rs = pr(case, "n1", "rand_iops"), pr(case, "n1", "seq_mibs")
+        p(f"{label:<48} {fmt(m(case, 'rand_iops')):>18} {fmt_ratio(rr):>6}  {fmt(m(case, 'seq_mibs')):>18} {fmt_ratio(rs):>6}")
+        multi[case] = {"rand_iops": m(case, "rand_iops"), "rand_ratio": rr, "seq_mibs": m(case, "seq_mibs"), "seq_ratio": rs}
+    p("")
+
+    # ---- take pause
+    tp = json.load(open(args.takepause)) if args.takepause and os.path.exists(args.takepause) else None
+    if tp:
+        p(f"take under a running write load ({tp['writers']} writers, 4k random writes at queue depth 1, "
+          f"{tp['takes']} takes, {tp['writes_per_s']:,.0f} writes/s)")
+        p(f"  pause as writers see it (longest write overlapping a take)  p50 {tp['seen_p50_ms']:.2f} ms  "
+          f"p99 {tp['seen_p99_ms']:.2f} ms  max {tp['seen_max_ms']:.2f} ms")
+        p(f"  pause reported by the plugin (gates closed)                p50 {tp['plugin_p50_ms']:.2f} ms  "
+          f"p99 {tp['plugin_p99_ms']:.2f} ms")
+        p(f"  for reference, writes away from takes                      p50 {tp['write_p50_ms_away']:.2f} ms  "
+          f"p99 {tp['write_p99_ms_away']:.2f} ms")
+        p("")
+
+    # ---- CBT
+    cbt = json.load(open(args.cbt)) if args.cbt and os.path.exists(args.cbt) else None
+    if cbt:
+        p(f"cbt changes through nbdsnapd's API, sparse {cbt['volume_bytes'] / 2**40:g} TiB volume, "
+          f"{cbt['blocks_written']:,} of {cbt['block_count']:,} CBT blocks ({cbt['block_size'] >> 10} KiB) changed")
+        for k, label in (("snapshot", "--since SEQ --snapshot S"), ("live", "--since SEQ (live map)")):
+            d = cbt[k]
+            p(f"  {label:<26} {d['ranges']:,} ranges, {d['changed_bytes'] / 2**30:.1f} GiB; round trip p50 "
+              f"{d['ms_p50']:.1f} ms (min {d['ms_min']:.1f}, max {d['ms_max']:.1f}); on the wire "
+              f"{d['bytes_sent']:,} bytes sent, {d['bytes_received']:,} received")
+        p("")
+
+    # ---- memory
     big, tiny = m("rss_big", "vmrss_kib"), m("rss_tiny", "vmrss_kib")
     diff_mib = (big - tiny) / 1024 if big is not None and tiny is not None else None
-    p("RSS of nbdkit (VmRSS, after 5 small 4k writes spread over the volume and an nbdinfo connection)")
+    qbig, qtiny = m("rss_qsd_big", "vmrss_kib"), m("rss_qsd_tiny", "vmrss_kib")
+    qdiff_mib = (qbig - qtiny) / 1024 if qbig is not None and qtiny is not None else None
+    p("RSS (VmRSS, after 5 small 4k writes spread over the volume and an nbdinfo connection)")
     rss = {}
     for case, label in [("rss_tiny", "  plugin, 1 MiB volume (empty plugin)"),
                         ("rss_big", "  plugin, sparse 1 TiB volume, no snapshot"),
                         ("rss_file_big", "  nbdkit file, sparse 1 TiB (reference)"),
-                        ("rss_big_spread", "  plugin, 1 TiB, one write per 512 MiB (whole CBT map)")]:
+                        ("rss_big_spread", "  plugin, 1 TiB, one write per 512 MiB (whole CBT map)"),
+                        ("rss_qsd_tiny", "  QEMU cbw, 1 MiB volume"),
+                        ("rss_qsd_big", "  QEMU cbw, sparse 1 TiB volume")]:
         v = m(case, "vmrss_kib")
         if v is None:
             continue
@@ -174,32 +559,77 @@ def cmd_report(args):
           f"anon {m(case, 'rssanon_kib') / 1024:.1f}, file {m(case, 'rssfile_kib') / 1024:.1f})")
         rss[case] = {k: m(case, k) for k in ("vmrss_kib", "vmhwm_kib", "rssanon_kib", "rssfile_kib")}
     if diff_mib is not None:
-        p(f"  {'  difference 1 TiB - 1 MiB':<50} {diff_mib:8.1f} MiB")
-    cr = m("copied", "rss_kib")
-    if cr is not None:
-        p(f"  {'  plugin, this volume, snapshot all copied (info)':<50} {cr / 1024:8.1f} MiB")
-        rss["bench_volume_all_copied_kib"] = cr
+        p(f"  {'  RSS per TiB of origin, plugin (1 TiB - 1 MiB)':<50} {diff_mib:8.1f} MiB")
+    if qdiff_mib is not None:
+        p(f"  {'  RSS per TiB of origin, QEMU cbw (1 TiB - 1 MiB)':<50} {qdiff_mib:8.1f} MiB")
+    for case, label in (("copied", "plugin"), ("qcopied", "QEMU cbw")):
+        cr = m(case, "rss_kib")
+        if cr is not None:
+            p(f"  {f'  {label}, this volume, all copied (info)':<50} {cr / 1024:8.1f} MiB")
+            rss[f"{case}_all_copied_kib"] = cr
+    gib = args.size / 2**30
+    mem = {}
+    for case, label in (("mem_plugin", "plugin"), ("mem_qsd", "QEMU cbw")):
+        a0, a1 = m(case, "anon0_kib"), m(case, "anon1_kib")
+        if a0 is None:
+            continue
+        per = (a1 - a0) / 1024 / gib
+        mem[case] = {"anon_before_kib": a0, "anon_after_kib": a1, "mib_per_gib_copied": per}
+        p(f"  {f'  RssAnon growth per GiB copied, {label}':<50} {per:8.1f} MiB  ({a0 / 1024:.1f} -> {a1 / 1024:.1f} MiB "
+          f"over a first-touch pass of {gib:g} GiB)")
+    tb, nch, sb = m("mem_plugin", "table_bytes"), m("mem_plugin", "chunks"), m("mem_plugin", "stamps_bytes")
+    per_chunk = tb / nch if tb is not None and nch else None
+    if per_chunk is not None:
+        mem["chunk_table_bytes"] = tb
+        mem["chunks"] = nch
+        mem["chunk_table_bytes_per_chunk"] = per_chunk
+        mem["saved_stamps_bytes"] = sb
+        p(f"  {'  chunk table per copied chunk (plugin statistic)':<50} {per_chunk:8.1f} bytes  ({tb:,.0f} bytes, "
+          f"{nch:,.0f} chunks; saved CBT stamps {sb:,.0f} bytes)")
     p("")
 
+    def get(d, *ks):
+        for k in ks:
+            if d is None:
+                return None
+            d = d.get(k)
+        return d
+
     targets = [
-        ("no snapshot, 4k randwrite", table["nosnap"]["rand_ratio"], ">=", 0.95, "x"),
-        ("no snapshot, 1M seqwrite", table["nosnap"]["seq_ratio"], ">=", 0.95, "x"),
-        ("all copied, 4k randwrite", table["copied"]["rand_ratio"], ">=", 0.90, "x"),
-        ("all copied, 1M seqwrite", table["copied"]["seq_ratio"], ">=", 0.90, "x"),
-        ("snapshot export read, all copied", reads["snap_copied_read"]["ratio"], ">=", 0.90, "x"),
-        ("snapshot export read, fresh", reads["snap_fresh_read"]["ratio"], ">=", 0.90, "x"),
-        ("first touch, 1M seqwrite", table["first"]["seq_ratio"], ">=", 0.30, "x"),
-        ("RSS 1 TiB - 1 MiB volume", diff_mib, "<=", 16.0, " MiB"),
+        # issue 2
+        ("no snapshot, 4k randwrite / file", get(table, "nosnap", "rand_ratio"), ">=", 0.95, "x"),
+        ("no snapshot, 1M seqwrite / file", get(table, "nosnap", "seq_ratio"), ">=", 0.95, "x"),
+        ("no snapshot, 4k randread / file", get(table, "nosnap", "rread_ratio"), ">=", 0.95, "x"),
+        ("all copied, 4k randwrite / file", get(table, "copied", "rand_ratio"), ">=", 0.90, "x"),
+        ("all copied, 1M seqwrite / file", get(table, "copied", "seq_ratio"), ">=", 0.90, "x"),
+        ("first touch, 1M seqwrite / file", get(table, "first", "seq_ratio"), ">=", 0.30, "x"),
+        ("snapshot read fresh, 1 conn / file", get(reads, "snap_fresh_read", "ratio"), ">=", 0.90, "x"),
+        ("snapshot read fresh, 4 conn / file", get(reads, "snap_fresh_read", "ratio4"), ">=", 0.90, "x"),
+        ("snapshot read copied, 1 conn / file", get(reads, "snap_copied_read", "ratio"), ">=", 0.90, "x"),
+        ("snapshot read copied, 4 conn / file", get(reads, "snap_copied_read", "ratio4"), ">=", 0.90, "x"),
     ]
-    p(f"{'target':<36} {'measured':>12} {'target':>12}  result")
+    for label, *_ in vsq:
+        if "no snapshot" in label:
+            continue
+        targets.append((f"{label} / QEMU", vs[label]["ratio"], ">", 1.0, "x"))
+    targets += [
+        ("16 snapshots / 1, 4k randwrite", get(multi, "n16", "rand_ratio"), ">=", 0.90, "x"),
+        ("16 snapshots / 1, 1M seqwrite", get(multi, "n16", "seq_ratio"), ">=", 0.90, "x"),
+        ("take pause p99, 4 writers", get(tp, "seen_p99_ms"), "<=", 10.0, " ms"),
+        ("cbt changes, 1 TiB, 1% (p50)", get(cbt, "snapshot", "ms_p50"), "<=", 50.0, " ms"),
+        ("chunk table per copied chunk", per_chunk, "<=", 32.0, " B"),
+        ("RSS per TiB of origin", diff_mib, "<=", 16.0, " MiB"),
+    ]
+    p(f"{'target':<52} {'measured':>10} {'target':>10}  result")
     tj = []
     for name, v, op, want, unit in targets:
-        ok = v is not None and (v >= want if op == ">=" else v <= want)
+        ok = v is not None and {">=": v >= want, ">": v > want, "<=": v <= want}[op]
         shown = "-" if v is None else (f"{v:.2f}x" if unit == "x" else f"{v:.1f}{unit}")
-        p(f"{name:<36} {shown:>12} {op + ' ' + (f'{want:.2f}x' if unit == 'x' else f'{want:g}{unit}'):>12}  "
+        p(f"{name:<52} {shown:>10} {op + ' ' + (f'{want:.2f}x' if unit == 'x' else f'{want:g}{unit}'):>10}  "
           f"{'PASS' if ok else 'MISS'}")
         tj.append({"target": name, "measured": v, "op": op, "threshold": want,
                    "unit": unit.strip() or "ratio", "pass": ok})
+    p(f"{sum(t['pass'] for t in tj)} of {len(tj)} targets met")
     p("")
 
     # CPU used by other processes during the measurements (shared machine).
@@ -207,18 +637,12 @@ def cmd_report(args):
     if other:
         allv = [x for v in other.values() for x in v]
         p(f"other CPU load during the measurements (not the server, fio or nbdcopy; % of the machine; "
-          f"load average before: {args.loadavg}):")
-        names = {"base": "a", "nosnap": "b", "first": "c", "copied": "d", "base_read": "a",
-                 "vol_read": "b", "snap_fresh_read": "c", "snap_copied_read": "d"}
-        for kind in ("rand", "seq", "touch", "read"):
-            cells = [f"{names.get(c, c)} {statistics.median(v):.0f}% (max {max(v):.0f})"
-                     for (c, k), v in sorted(other.items(), key=lambda kv: names.get(kv[0][0], "z"))
-                     if k == f"{kind}_other_cpu_pct"]
-            if cells:
-                p(f"  {kind:<6} " + ", ".join(cells))
+          f"load average before: {args.loadavg}): median {statistics.median(allv):.0f}%, max {max(allv):.0f}%")
         if max(allv) > 10:
+            busy = sorted(((max(v), f"{c}/{k[:-len('_other_cpu_pct')]}") for (c, k), v in other.items()), reverse=True)[:6]
             p(f"  WARNING: up to {max(allv):.0f}% of the machine was busy with other work during some "
-              f"measurements; the medians damp it, but treat ratios near a target as noise.")
+              f"measurements ({', '.join(f'{n} {x:.0f}%' for x, n in busy)}); the medians damp it, "
+              f"but treat ratios near a target as noise.")
         out["other_cpu_pct"] = {f"{c}/{k}": v for (c, k), v in other.items()}
         p("")
 
@@ -227,18 +651,100 @@ def cmd_report(args):
         line = line.rstrip()
         if line and line not in cmds:
             cmds.append(line)
-    p(f"commands used (each ran once per case and round), with W={args.workdir}:")
-    for c in cmds:
-        p("  " + c.replace(args.workdir, "$W"))
+    if args.verbose:
+        p(f"commands used (each ran once per case and round), with W={args.workdir}:")
+        for c in cmds:
+            p("  " + c.replace(args.workdir, "$W"))
+    else:
+        p(f"{len(cmds)} distinct commands ran: see \"commands\" in the JSON (W={args.workdir})")
 
-    out.update({"writes": table, "reads": reads, "rss": rss, "rss_difference_mib": diff_mib,
-                "targets": tj, "commands": cmds,
+    out.update({"writes": table, "reads": reads, "vs_qemu": vs, "snapshots_held": multi, "take_pause": tp,
+                "cbt": cbt, "rss": rss, "memory": mem, "rss_difference_mib": diff_mib,
+                "rss_difference_qsd_mib": qdiff_mib, "targets": tj,
+                "commands": [c.replace(args.workdir, "$W") for c in cmds],
                 "samples": {f"{c}/{k}": v for (c, k), v in res.samples.items()
                             if not k.endswith("_other_cpu_pct")}})
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
         f.write("\n")
     print("\n".join(lines))
+    if args.chart:
+        chart(args, table, reads, vs, multi, out)
+
+
+def chart(args, table, reads, vs, multi, out):
+    """Two panels: throughput relative to nbdkit file per workload and server;
+    nbdsnap relative to QEMU's copy-before-write per workload (gnuplot)."""
+    if not subprocess.run("command -v gnuplot", shell=True, capture_output=True).stdout:
+        print("no gnuplot: no chart", file=sys.stderr)
+        return
+    d = os.path.dirname(os.path.abspath(args.json))
+    dat1, dat2, gp = (os.path.join(d, n) for n in ("chart-file.dat", "chart-qemu.dat", "chart.gp"))
+    series = [("nosnap", "nbdsnap, no snapshot"), ("first", "nbdsnap, first touch"), ("copied", "nbdsnap, all copied"),
+              ("qnbd", "qemu-nbd"), ("qfirst", "QEMU cbw, first touch"), ("qcopied", "QEMU cbw, all copied")]
+    rmap = {"nosnap": "vol_read", "first": "snap_fresh_read", "copied": "snap_copied_read",
+            "qnbd": "qnbd_read", "qfirst": "qsnap_fresh_read", "qcopied": "qsnap_copied_read"}
+
+    def v(x):
+        return "NaN" if x is None else f"{x:.3f}"
+    with open(dat1, "w") as f:
+        f.write("workload " + " ".join(f'"{lab}"' for _, lab in series) + "\n")
+        for wl, key in (("4k randwrite", "rand_ratio"), ("1M seqwrite", "seq_ratio"), ("4k randread", "rread_ratio"),
+                        ("4k one per chunk", "one_write_per_chunk_ratio")):
+            f.write(f'"{wl}" ' + " ".join(v(table.get(c, {}).get(key)) for c, _ in series) + "\n")
+        for wl, key in (("nbdcopy 1 conn", "ratio"), ("nbdcopy 4 conn", "ratio4")):
+            f.write(f'"{wl}" ' + " ".join(v(reads.get(rmap[c], {}).get(key)) for c, _ in series) + "\n")
+    with open(dat2, "w") as f:
+        for label, r in vs.items():
+            if "no snapshot" in label:
+                continue
+            f.write(f'"{label.replace("snapshot, ", "").replace("snapshot read", "snap read").replace("connection", "conn")}" {v(r["ratio"])}\n')
+    mach = out["machine"]
+    title = (f"nbdsnap vs nbdkit file and QEMU copy-before-write - {mach['date'][:16]}, {mach['nproc']} cores, "
+             f"{args.size / 2**30:g} GiB volume, {args.rounds} round(s)")
+    with open(gp, "w") as f:
+        f.write(f"""set terminal pngcairo size 1400,1100 font "DejaVu Sans,10"
+set output "{args.chart}"
+set multiplot layout 2,1 title "{title}"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.85 border -1
+set boxwidth 0.9
+set grid ytics
+set key outside right top vertical
+set ylabel "throughput / nbdkit file (same round)"
+set yrange [0:*]
+set xtics nomirror
+plot "{dat1}" using 2:xtic(1) title columnheader(2) lc rgb "#1f77b4", \\
+     "" using 3 title columnheader(3) lc rgb "#4a9fe0", \\
+     "" using 4 title columnheader(4) lc rgb "#9ccbf0", \\
+     "" using 5 title columnheader(5) lc rgb "#7f7f7f", \\
+     "" using 6 title columnheader(6) lc rgb "#d62728", \\
+     "" using 7 title columnheader(7) lc rgb "#f29b9b", \\
+     1 notitle dt 2 lc rgb "black"
+unset key
+set ylabel "nbdsnap / QEMU cbw (same round), log scale"
+set logscale y
+set yrange [0.1:*]
+set xtics rotate by -30 left
+set style fill solid 0.85 border -1
+set boxwidth 0.6
+plot "{dat2}" using 0:2:xtic(1) with boxes lc rgb "#1f77b4", \\
+     "" using 0:2:(sprintf("%.2fx", $2)) with labels offset 0,0.7 notitle, \\
+     1 notitle dt 2 lw 2 lc rgb "red"
+unset multiplot
+""")
+    os.makedirs(os.path.dirname(os.path.abspath(args.chart)), exist_ok=True)
+    r = subprocess.run(["gnuplot", gp], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"gnuplot failed: {r.stderr}", file=sys.stderr)
+
+
+def cmd_chart(args):
+    """Draws the chart again from a run's JSON (bench.py chart --json FILE --chart PNG)."""
+    out = json.load(open(args.json))
+    args.size, args.rounds = out["parameters"]["size_bytes"], out["parameters"]["rounds"]
+    chart(args, out["writes"], out["reads"], out["vs_qemu"], out["snapshots_held"], out)
 
 
 def main():
@@ -246,10 +752,36 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("fio")
     a.add_argument("file")
+    a.add_argument("--read", action="store_true")
     a.set_defaults(fn=cmd_fio)
+    a = sub.add_parser("chart")
+    a.add_argument("--json", required=True)
+    a.add_argument("--chart", required=True)
+    a.set_defaults(fn=cmd_chart)
+    a = sub.add_parser("linkinfo")
+    a.add_argument("socket")
+    a.add_argument("id")
+    a.set_defaults(fn=cmd_linkinfo)
+    a = sub.add_parser("takepause")
+    for k in ("uri", "socket", "volume", "dir"):
+        a.add_argument("--" + k, required=True)
+    a.add_argument("--size", type=int, required=True)
+    a.add_argument("--takes", type=int, default=40)
+    a.add_argument("--writers", type=int, default=4)
+    a.add_argument("--spacing", type=float, default=0.15)
+    a.set_defaults(fn=cmd_takepause)
+    a = sub.add_parser("cbt")
+    for k in ("api", "uri", "volume"):
+        a.add_argument("--" + k, required=True)
+    a.add_argument("--percent", type=int, default=1)
+    a.add_argument("--repeat", type=int, default=10)
+    a.set_defaults(fn=cmd_cbt)
     a = sub.add_parser("report")
     for k in ("results", "commands", "json", "workdir", "fstype", "build", "plugin-sha256", "loadavg"):
         a.add_argument("--" + k, required=True)
+    for k in ("takepause", "cbt", "chart"):
+        a.add_argument("--" + k)
+    a.add_argument("--verbose", action="store_true", help="print every command")
     for k in ("size", "chunk", "rounds", "runtime", "quick", "seconds", "waited"):
         a.add_argument("--" + k, type=int, required=True)
     a.set_defaults(fn=cmd_report)

@@ -1,43 +1,57 @@
 #!/usr/bin/env bash
-# Benchmark harness: the nbdsnap plugin side by side with `nbdkit file`, in
-# one run, on the same file size and in the same directory.
+# Benchmark harness: the nbdsnap plugin side by side with `nbdkit file`,
+# `qemu-nbd` and QEMU's copy-before-write (fleecing) in qemu-storage-daemon,
+# in one run, on the same file size and in the same directory.
 #
-#   tests/bench/run.sh [--size 1G] [--build DIR] [--out DIR] [--quick] [--keep]
-#                      [--rounds N] [--max-wait SECONDS]
+#   tests/bench/run.sh [--size 1G] [--build DIR] [--out DIR] [--chart FILE]
+#                      [--quick] [--keep] [--rounds N] [--max-wait SECONDS]
+#                      [--plugin-param KEY=VALUE]...
 #
-# Four servers run at once, each on its own copy of the same random data:
+# Servers, each on its own copy of the same random data:
 #   a) nbdkit file (baseline)          b) plugin, no snapshot
 #   c) plugin, a fresh snapshot taken right before each run (first touch)
 #   d) plugin, a snapshot held whose every chunk is already copied
+#   q) qemu-nbd (no snapshot); QEMU copy-before-write + snapshot-access in
+#      qemu-storage-daemon, started fresh before each run (first touch) and
+#      one long-lived whose every cluster is copied
+#   nsnap) plugin, one volume measured with 1, 4 and 16 snapshots held (the
+#      older ones hold copies; the newest is fresh: the run's copy target)
 # and the measurements alternate between them, round after round (the order
-# reversed every other round); the table shows medians. Measured: fio 4k
-# randwrite qd32 (time based) and 1M sequential write of the whole volume;
-# 4k writes one per chunk (every write a first touch); nbdcopy reads to null:
-# of nbdkit file, the plugin volume, a fresh snapshot (reads the origin) and
-# the copied snapshot (reads difference storage); the RSS of nbdkit + plugin
-# on a sparse 1 TiB volume vs a 1 MiB one. docs/benchmarks.md explains it.
+# reversed every other round); the tables show medians and paired ratios.
+# Measured: fio 4k randwrite qd32, 1M sequential write of the whole volume,
+# 4k randread qd32; 4k writes one per chunk (every write a first touch);
+# nbdcopy reads to null: with 1 and 4 connections; the pause of origin
+# writes around takes (4 writers); `cbt changes` through nbdsnapd's API on a
+# sparse 1 TiB volume with 1% of its blocks changed; RSS per TiB of origin
+# and per GiB of copied chunks, chunk table bytes per copied chunk.
+# docs/benchmarks.md explains it.
 #
-# Prints the table with ratios to the baseline, the targets (PASS/MISS) and
-# the exact commands; writes OUT/bench-DATE.json and OUT/latest.json (OUT
-# defaults to BUILD/bench). Exits 0 even if a target is missed; non-zero only
-# if the harness itself fails. --quick: one short round, 3 s runs (a smoke
-# run); --rounds N overrides the number of rounds (default 5).
+# Prints the tables with ratios and the targets (PASS/MISS); writes OUT/bench-DATE.json, OUT/latest.json (OUT defaults to
+# BUILD/bench; the exact commands are in the JSON) and the chart (PNG,
+# --chart; default docs/bench/benchmarks.png, OUT/benchmarks.png with --quick)
+# with a copy of the JSON next to it, this machine's paths replaced.
+# Exits 0 even if a target is missed; non-zero only if the harness itself
+# fails. --quick: one short round, 2 s runs (a smoke run, about 5 minutes);
+# full: 3 rounds, 5 s runs (about 15 minutes); --rounds N overrides.
+# --build (or $NBDSNAP_BENCH_BUILD) picks the build directory (default build).
 # Before each measurement the harness waits (20 s at most, --max-wait in all,
-# default 120 s, 15 s with --quick) for other processes to leave the machine
+# default 60 s, 15 s with --quick) for other processes to leave the machine
 # mostly idle, and reports how busy it was during each measurement.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 size=1G
-build=build
+build=${NBDSNAP_BENCH_BUILD:-build}
 out=
+chart=
 quick=0
 keep=0
 max_wait=
 rounds_opt=
+plugin_params=()
 
-usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case $1 in
     --size) size=$2; shift 2 ;;
@@ -46,12 +60,15 @@ while [ $# -gt 0 ]; do
     --build=*) build=${1#*=}; shift ;;
     --out) out=$2; shift 2 ;;
     --out=*) out=${1#*=}; shift ;;
+    --chart) chart=$2; shift 2 ;;
+    --chart=*) chart=${1#*=}; shift ;;
     --quick) quick=1; shift ;;
     --rounds) rounds_opt=$2; shift 2 ;;
     --rounds=*) rounds_opt=${1#*=}; shift ;;
     --max-wait) max_wait=$2; shift 2 ;;
     --max-wait=*) max_wait=${1#*=}; shift ;;
     --keep) keep=1; shift ;;
+    --plugin-param) plugin_params+=("$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -64,14 +81,20 @@ py=/usr/bin/python3
 case $build in /*) ;; *) build=$top/$build ;; esac
 [ -n "$out" ] || out=$build/bench
 case $out in /*) ;; *) out=$PWD/$out ;; esac
+# The chart of a full run is the one docs/benchmarks.md shows; a quick
+# run's stays next to its JSON.
+[ -n "$chart" ] || { [ $quick = 1 ] && chart=$out/benchmarks.png || chart=$top/docs/bench/benchmarks.png; }
+case $chart in /*) ;; *) chart=$PWD/$chart ;; esac
 plugin=$build/plugin/nbdkit-nbdsnap-plugin.so
 linkbin=$build/client/nbdsnap-link
-for f in "$plugin" "$linkbin"; do
+daemonbin=$build/server/nbdsnapd
+for f in "$plugin" "$linkbin" "$daemonbin"; do
   [ -e "$f" ] || { echo "run.sh: $f missing: build first (ninja -C $build)" >&2; exit 1; }
 done
-for t in nbdkit fio nbdcopy nbdinfo nbdsh numfmt; do
+for t in nbdkit fio nbdcopy nbdinfo nbdsh numfmt qemu-storage-daemon qemu-nbd fallocate; do
   command -v $t >/dev/null || { echo "run.sh: $t not found (scripts/setup.sh installs it)" >&2; exit 1; }
 done
+command -v gnuplot >/dev/null || echo "run.sh: warning: gnuplot not found: no chart (apt-get install gnuplot-nox)" >&2
 
 size_bytes=$(numfmt --from=iec "${size^^}")
 size_bytes=$((size_bytes / 1048576 * 1048576))
@@ -81,16 +104,17 @@ chunk=$((256 << 10))
 while [ $((size_bytes / chunk)) -gt 2097152 ]; do chunk=$((chunk * 2)); done
 chunks=$(((size_bytes + chunk - 1) / chunk))
 
-if [ $quick = 1 ]; then rounds=1; runtime=3; copies=2; else rounds=5; runtime=10; copies=3; fi
+if [ $quick = 1 ]; then rounds=1; runtime=2; copies=2; takes=15; else rounds=3; runtime=5; copies=2; takes=40; fi
 [ -z "$rounds_opt" ] || rounds=$rounds_opt
 # Total seconds the run may spend waiting for other work to calm down.
-[ -n "$max_wait" ] || { [ $quick = 1 ] && max_wait=15 || max_wait=120; }
+[ -n "$max_wait" ] || { [ $quick = 1 ] && max_wait=15 || max_wait=60; }
 
 # ------------------------------------------------------------- work directory
 # Not tmpfs: the cases must pay the same page-cache + file-system costs as a
-# real volume. $TMPDIR first, then /var/tmp, then /tmp. Needs about 7 x size:
-# the random data, four volumes, two difference files.
-need=$((size_bytes * 7 + (256 << 20)))
+# real volume. $TMPDIR first, then /var/tmp, then /tmp. Needs about 24 x size:
+# the random data, eight volumes, difference files and QEMU targets (the 16
+# snapshots of nsnap keep up to 5 x size).
+need=$((size_bytes * 24 + (256 << 20)))
 dir=
 for cand in ${TMPDIR:-} /var/tmp /tmp; do
   [ -d "$cand" ] && [ -w "$cand" ] || continue
@@ -126,10 +150,11 @@ trap cleanup EXIT
 
 # Private copies of the binaries: a rebuild during the run cannot change them.
 mkdir -p "$work/bin"
-cp "$plugin" "$linkbin" "$work/bin/"
+cp "$plugin" "$linkbin" "$daemonbin" "$work/bin/"
 plugin_sum=$(sha256sum "$plugin" | cut -c1-16)
 plugin=$work/bin/$(basename "$plugin")
 linkbin=$work/bin/$(basename "$linkbin")
+daemonbin=$work/bin/$(basename "$daemonbin")
 
 fill=$work/fill.img
 results=$work/results.tsv
@@ -167,17 +192,71 @@ start_nbdkit() {  # S ARGS... (after the socket)
   cat "$work/nbdkit-$s.log" >&2
   exit 1
 }
-stop_nbdkit() {  # S
+stop_nbdkit() {  # S (any server started here)
   local s=$1 rc=0
   kill -TERM "${pid[$s]}"
   wait "${pid[$s]}" || rc=$?
   unset "pid[$s]"
-  [ $rc = 0 ] || { echo "run.sh: nbdkit ($s) exited with $rc:" >&2; cat "$work/nbdkit-$s.log" >&2; exit 1; }
-  rm -f "$(sock "$s")" "$work/$s.ctl"
+  # qemu-nbd and qemu-storage-daemon exit with 143 (or 0) on SIGTERM.
+  [ $rc = 0 ] || { [ $rc = 143 ] && [ -e "$work/qemu-$s.log" ]; } ||
+    { echo "run.sh: server $s exited with $rc:" >&2; cat "$work/nbdkit-$s.log" "$work/qemu-$s.log" 2>/dev/null >&2; exit 1; }
+  rm -f "$(sock "$s")" "$work/$s.ctl" "$work/$s.pid"
+}
+wait_started() {  # S FILE...: until every FILE exists (or the server dies)
+  local s=$1 i f ok; shift
+  for i in $(seq 200); do
+    ok=1
+    for f in "$@"; do [ -e "$f" ] || ok=0; done
+    [ $ok = 0 ] || return 0
+    kill -0 "${pid[$s]}" 2>/dev/null || break
+    sleep 0.05
+  done
+  echo "run.sh: server $s did not start:" >&2
+  cat "$work/qemu-$s.log" >&2
+  exit 1
+}
+# QEMU's fleecing stack (docs/benchmarks.md): copy-before-write over the
+# origin with TARGET receiving old data, snapshot-access over it, NBD exports
+# vol0 (the origin through the cbw filter, writable) and snap (the snapshot
+# view, read-only). The snapshot point is the start of the daemon.
+start_qsd() {  # S VOLUME_PATH TARGET_PATH
+  local s=$1 sk; sk=$(sock "$1")
+  rm -f "$sk" "$work/$s.pid"
+  local args=(--nbd-server "addr.type=unix,addr.path=$sk"
+    --blockdev "{\"driver\":\"file\",\"node-name\":\"origin-file\",\"filename\":\"$2\",\"aio\":\"io_uring\"}"
+    --blockdev '{"driver":"raw","node-name":"origin","file":"origin-file"}'
+    --blockdev "{\"driver\":\"file\",\"node-name\":\"target-file\",\"filename\":\"$3\",\"aio\":\"io_uring\"}"
+    --blockdev '{"driver":"raw","node-name":"target","file":"target-file"}'
+    --blockdev '{"driver":"copy-before-write","node-name":"cbw","file":"origin","target":"target"}'
+    --blockdev '{"driver":"snapshot-access","node-name":"snap","file":"cbw"}'
+    --export '{"type":"nbd","id":"origin","node-name":"cbw","name":"vol0","writable":true}'
+    --export '{"type":"nbd","id":"snap","node-name":"snap","name":"snap"}'
+    --pidfile "$work/$s.pid")
+  note qemu-storage-daemon "${args[@]}"
+  qemu-storage-daemon "${args[@]}" 2>"$work/qemu-$s.log" &
+  pid[$s]=$!
+  wait_started "$s" "$work/$s.pid" "$sk"
+}
+# A fresh QEMU snapshot: a new target (preallocated like the plugin's
+# difference storage), then a new daemon over the volume.
+start_qsd_fresh() {  # S VOLUME_PATH
+  rm -f "$work/$1-target.img"
+  run fallocate -l "$size_bytes" "$work/$1-target.img"
+  start_qsd "$1" "$2" "$work/$1-target.img"
+}
+start_qemu_nbd() {  # S VOLUME_PATH
+  local s=$1 sk; sk=$(sock "$1")
+  rm -f "$sk"
+  local args=(--format=raw --cache=writeback --aio=io_uring --shared=8 --persistent
+    --socket="$sk" --export-name=vol0 "$2")
+  note qemu-nbd "${args[@]}"
+  qemu-nbd "${args[@]}" 2>"$work/qemu-$s.log" &
+  pid[$s]=$!
+  wait_started "$s" "$sk"
 }
 start_plugin() {  # S VOLUME_PATH
   rm -rf "$work/$1.state"
-  start_nbdkit "$1" "$plugin" volume=vol0="$2" state="$work/$1.state" control="$work/$1.ctl"
+  start_nbdkit "$1" "$plugin" volume=vol0="$2" state="$work/$1.state" control="$work/$1.ctl" ${plugin_params[@]+"${plugin_params[@]}"}
 }
 lnk() { local s=$1; shift; run "$linkbin" --socket "$work/$s.ctl" "$@"; }
 alive() {  # every server still running (a crash must not go unnoticed)
@@ -187,12 +266,12 @@ alive() {  # every server still running (a crash must not go unnoticed)
   done
 }
 
-take_snapshot() {  # S NAME: difference storage = one file of the volume's size
-  local diff=$work/$1-$2.diff
+take_snapshot() {  # S NAME [BYTES]: difference storage = one file of the volume's size
+  local diff=$work/$1-$2.diff bytes=${3:-$size_bytes}
   rm -f "$diff"
-  run truncate -s "$size_bytes" "$diff"
+  run truncate -s "$bytes" "$diff"
   lnk "$1" create vol0 --name "$2" >/dev/null
-  lnk "$1" append-storage "$2" "$diff" "0:$size_bytes" >/dev/null
+  lnk "$1" append-storage "$2" "$diff" "0:$bytes" >/dev/null
   lnk "$1" take "$2" >/dev/null
 }
 destroy_snapshot() {  # S NAME
@@ -206,8 +285,14 @@ chunks_copied() {  # S NAME
 # Before each measured run: write dirty pages back (no writeback competes
 # with the run) and read the run's files so every case starts with them in
 # the page cache (this machine's page cache also shrinks on its own).
+# The page cache is dropped first and read back with cat, so every case
+# meets the same page-cache state (cached pages written by an earlier run or
+# by cp are laid out differently from pages read ahead: a 4k write into them
+# and a copy-before-write read of them cost up to 4x more or less).
 settle() {  # FILES...
   sync
+  local f
+  for f in "$@"; do dd if="$f" iflag=nocache count=0 status=none; done
   [ $# = 0 ] || cat "$@" >/dev/null
   wait_quiet
 }
@@ -274,64 +359,106 @@ uri() { echo "nbd+unix:///$2?socket=$(sock "$1")"; }   # S EXPORT
 fio_common=(--ioengine=nbd --output-format=json)
 fio_rand=(--rw=randwrite --bs=4k --iodepth=32 --time_based --runtime="$runtime" --size="$size_bytes")
 fio_seq=(--rw=write --bs=1M --iodepth=8 --size="$size_bytes")
+fio_randread=(--rw=randread --bs=4k --iodepth=32 --time_based --runtime="$runtime" --size="$size_bytes")
 # One 4k write at the start of every chunk, ascending: each is a first touch.
 fio_touch=(--rw=write:$((chunk - 4096)) --bs=4k --iodepth=32 --size="$size_bytes" --number_ios="$chunks")
 
-fio_run() {  # CASE S EXPORT KIND(rand|seq|touch)
-  local c=$1 s=$2 export=$3 kind=$4 args json=$work/fio.json
+fio_run() {  # CASE S EXPORT KIND(rand|seq|touch|rread)
+  local c=$1 s=$2 export=$3 kind=$4 args json=$work/fio.json side=
   case $kind in
     rand) args=("${fio_rand[@]}") ;;
     seq) args=("${fio_seq[@]}") ;;
     touch) args=("${fio_touch[@]}") ;;
+    rread) args=("${fio_randread[@]}"); side=--read ;;
   esac
   load_begin "$s"
   run fio --name="$kind" "${fio_common[@]}" --uri="$(uri "$s" "$export")" "${args[@]}" >"$json" 2>"$work/fio.err" ||
     { cat "$work/fio.err" "$json" >&2; exit 1; }
   load_end "$c" "$kind" "$s"
   local iops mibs
-  read -r iops mibs < <($py "$here/bench.py" fio "$json")
+  read -r iops mibs < <($py "$here/bench.py" fio $side "$json")
   case $kind in
     rand) record "$c" rand_iops "$iops"; log "  $c: 4k randwrite $iops IOPS" ;;
     seq) record "$c" seq_mibs "$mibs"; log "  $c: 1M seqwrite $mibs MiB/s" ;;
     touch) record "$c" touch_iops "$iops"; log "  $c: 4k one write per chunk $iops IOPS" ;;
+    rread) record "$c" rread_iops "$iops"; log "  $c: 4k randread $iops IOPS" ;;
   esac
   alive
 }
 
-nbdcopy_read() {  # CASE S EXPORT
-  local i t0 t1 mibs
+nbdcopy_read() {  # CASE S EXPORT CONNECTIONS
+  local i t0 t1 mibs metric=read_mibs
+  [ "$4" = 1 ] || metric=read${4}_mibs
   load_begin "$2"
   for i in $(seq "$copies"); do
     t0=$EPOCHREALTIME
-    run nbdcopy "$(uri "$2" "$3")" null:
+    run nbdcopy --connections="$4" "$(uri "$2" "$3")" null:
     t1=$EPOCHREALTIME
     mibs=$($py -c "print(round($size_bytes / 1048576 / ($t1 - $t0), 1))")
-    record "$1" read_mibs "$mibs"
+    record "$1" "$metric" "$mibs"
   done
-  load_end "$1" read "$2"
-  log "  $1: nbdcopy read $(awk -v r="$round" '$1 == c && $2 == "read_mibs" && $3 == r {printf "%s ", $4}' c="$1" "$results")MiB/s"
+  load_end "$1" "read$4" "$2"
+  log "  $1: nbdcopy read, $4 connection(s): $(awk -v r="$round" -v m="$metric" '$1 == c && $2 == m && $3 == r {printf "%s ", $4}' c="$1" "$results")MiB/s"
   alive
 }
 
-# One measurement of one case: KIND is rand, seq, touch or read.
+# Write measurements with N snapshots held, all on one server and volume
+# file (nsnap), so the 1-, 4- and 16-snapshot figures share the file's page
+# cache and disk placement: the server holds N-1 older snapshots that hold
+# copies (older ones taken one after another, 1/8 of the volume written
+# between two takes); each run takes a fresh one (the Nth, the copy target:
+# every chunk the run touches is a first touch), which then stays as an older
+# one. Odd rounds go 1, 4, 16 (building up), even rounds 16, 4, 1 (destroying
+# the oldest down to the count).
+nheld=()   # names, oldest first
+npass=0
+nsnap_build() {  # COUNT: take older snapshots, with a write pass after each
+  local name
+  while [ ${#nheld[@]} -lt "$1" ]; do
+    npass=$((npass + 1)); name=o$npass
+    take_snapshot nsnap "$name" $((size_bytes / 4))
+    nheld+=("$name")
+    run fio --name=pass "${fio_common[@]}" --uri="$(uri nsnap vol0)" --rw=write --bs=1M --iodepth=8 \
+      --offset=$((npass % 8 * size_bytes / 8)) --size=$((size_bytes / 8)) >/dev/null 2>&1
+  done
+}
+nsnap_shrink() {  # COUNT: destroy the oldest down to COUNT
+  while [ ${#nheld[@]} -gt "$1" ]; do
+    destroy_snapshot nsnap "${nheld[0]}"
+    nheld=("${nheld[@]:1}")
+  done
+}
+multi_run() {  # N KIND
+  local n=$1 kind=$2 name=m$round$kind$1
+  if [ ${#nheld[@]} -lt $((n - 1)) ]; then nsnap_build $((n - 1)); else nsnap_shrink $((n - 1)); fi
+  take_snapshot nsnap "$name"
+  nheld+=("$name")
+  settle "$work/nsnap.img"
+  fio_run "n$n" nsnap vol0 "$kind"
+}
+
+# One measurement of one case. KIND: rand, seq, rread (fio), touch (one write
+# per chunk), read1, read4 (nbdcopy with 1 or 4 connections).
 measure() {  # CASE KIND
-  local c=$1 kind=$2
+  local c=$1 kind=$2 conns=
+  case $kind in read1) conns=1 ;; read4) conns=4 ;; esac
   case $c in
     base)
       settle "$work/base.img"
-      if [ "$kind" = read ]; then nbdcopy_read base_read base ""; else fio_run base base "" "$kind"; fi ;;
+      if [ -n "$conns" ]; then nbdcopy_read base_read base "" "$conns"; else fio_run base base "" "$kind"; fi ;;
     nosnap)
       settle "$work/nosnap.img"
-      if [ "$kind" = read ]; then nbdcopy_read vol_read nosnap vol0; else fio_run nosnap nosnap vol0 "$kind"; fi ;;
+      if [ -n "$conns" ]; then nbdcopy_read vol_read nosnap vol0 "$conns"; else fio_run nosnap nosnap vol0 "$kind"; fi ;;
     first)
       # A fresh snapshot of data already written: the run copies every chunk
       # it touches for the first time.
       take_snapshot first fresh
       settle "$work/first.img"
       case $kind in
-        read) nbdcopy_read snap_fresh_read first vol0@fresh ;;
+        read1|read4) nbdcopy_read snap_fresh_read first vol0@fresh "$conns" ;;
         rand) fio_run first first vol0 rand
               record first rand_chunks_copied "$(chunks_copied first fresh)" ;;
+        rread) fio_run first first vol0 rread ;;
         seq) fio_run first first vol0 seq
              [ "$(chunks_copied first fresh)" = "$chunks" ] ||
                { echo "run.sh: first-touch seqwrite copied $(chunks_copied first fresh) of $chunks chunks" >&2; exit 1; } ;;
@@ -355,8 +482,28 @@ measure() {  # CASE KIND
       rm -f "$work/newfile.img" ;;
     copied)
       settle "$work/copied.img" "$work/copied-held.diff"
-      if [ "$kind" = read ]; then nbdcopy_read snap_copied_read copied vol0@held
+      if [ -n "$conns" ]; then nbdcopy_read snap_copied_read copied vol0@held "$conns"
       elif [ "$kind" != touch ]; then fio_run copied copied vol0 "$kind"; fi ;;
+    qnbd)
+      [ "$kind" != touch ] || return 0
+      settle "$work/qnbd.img"
+      if [ -n "$conns" ]; then nbdcopy_read qnbd_read qnbd vol0 "$conns"; else fio_run qnbd qnbd vol0 "$kind"; fi ;;
+    qfirst)
+      # QEMU's snapshot point is the start of the daemon: a new one (and a new
+      # target) before each run.
+      start_qsd_fresh qfirst "$work/qfirst.img"
+      settle "$work/qfirst.img"
+      if [ -n "$conns" ]; then nbdcopy_read qsnap_fresh_read qfirst snap "$conns"; else fio_run qfirst qfirst vol0 "$kind"; fi
+      stop_nbdkit qfirst ;;
+    qcopied)
+      [ "$kind" != touch ] || return 0
+      settle "$work/qcopied.img" "$work/qcopied-target.img"
+      if [ -n "$conns" ]; then nbdcopy_read qsnap_copied_read qcopied snap "$conns"; else fio_run qcopied qcopied vol0 "$kind"; fi ;;
+    nsnap)
+      [ "$kind" = rand ] || [ "$kind" = seq ] || return 0
+      local n
+      if [ $((round % 2)) = 1 ]; then for n in 1 4 16; do multi_run "$n" "$kind"; done
+      else for n in 16 4 1; do multi_run "$n" "$kind"; done; fi ;;
   esac
 }
 
@@ -365,12 +512,16 @@ measure() {  # CASE KIND
 # and an nbdinfo connection. VmRSS (and VmHWM, the peak) from /proc.
 # With STRIDE, one 4k write every STRIDE bytes instead (touches every page of
 # the CBT map when STRIDE = 1024 CBT blocks: the map's worst case).
-rss_case() {  # NAME SIZE SERVER(plugin|file) [STRIDE]
+rss_case() {  # NAME SIZE SERVER(plugin|file|qsd) [STRIDE]
   local name=$1 sz=$2 server=$3 stride=${4:-} img=$work/rss-$1.img s=rss-$1
-  rm -f "$img"
+  rm -f "$img" "$work/rss-$1-target.img"
   run truncate -s "$sz" "$img"
-  if [ "$server" = plugin ]; then start_plugin "$s" "$img"; else start_nbdkit "$s" file "$img"; fi
-  local export=vol0; [ "$server" = plugin ] || export=
+  case $server in
+    plugin) start_plugin "$s" "$img" ;;
+    file) start_nbdkit "$s" file "$img" ;;
+    qsd) run truncate -s "$sz" "$work/rss-$1-target.img"; start_qsd "$s" "$img" "$work/rss-$1-target.img" ;;
+  esac
+  local export=vol0; [ "$server" != file ] || export=
   if [ -n "$stride" ]; then
     run nbdsh -u "$(uri "$s" "$export")" -c "
 for off in range(0, h.get_size(), $stride):
@@ -390,7 +541,7 @@ h.flush()'
   done
   log "  RSS $name ($sz, $server): $(awk '$1 == "VmRSS:" {print $2, $3}' "/proc/${pid[$s]}/status")"
   stop_nbdkit "$s"
-  rm -f "$img"
+  rm -f "$img" "$work/rss-$1-target.img"
 }
 
 # ------------------------------------------------------------------------ main
@@ -399,30 +550,37 @@ loadavg0=$(cut -d' ' -f1-3 /proc/loadavg)
 log "load average before the run: $loadavg0 (other jobs on this machine distort the figures)"
 log "work directory $work ($fstype), volume $size ($size_bytes bytes, $chunks chunks of $((chunk >> 10)) KiB)"
 log "$rounds round(s), fio randwrite runtime ${runtime}s, $copies nbdcopy reads per case and round"
-log "setup: random data, four copies, four servers"
+log "setup: random data, eight copies, the servers"
 run dd if=/dev/urandom of="$fill" bs=1M count=$((size_bytes >> 20)) status=none
-for v in base nosnap first copied; do run cp --sparse=never "$fill" "$work/$v.img"; done
+vols=(base nosnap first copied qnbd qfirst qcopied nsnap)
+for v in "${vols[@]}"; do run cp --sparse=never "$fill" "$work/$v.img"; done
 rm -f "$fill"
 sync
 start_nbdkit base file "$work/base.img"
 start_plugin nosnap "$work/nosnap.img"
 start_plugin first "$work/first.img"
 start_plugin copied "$work/copied.img"
+start_qemu_nbd qnbd "$work/qnbd.img"
 # d): a snapshot held, then a full sequential write pass copies every chunk.
 take_snapshot copied held
 run fio --name=fill "${fio_common[@]}" --uri="$(uri copied vol0)" "${fio_seq[@]}" >/dev/null 2>&1
 [ "$(chunks_copied copied held)" = "$chunks" ] ||
   { echo "run.sh: the write pass copied $(chunks_copied copied held) of $chunks chunks" >&2; exit 1; }
+# The same for QEMU: a daemon (its snapshot point), then a full write pass.
+run fallocate -l "$size_bytes" "$work/qcopied-target.img"
+start_qsd qcopied "$work/qcopied.img" "$work/qcopied-target.img"
+run fio --name=fill "${fio_common[@]}" --uri="$(uri qcopied vol0)" "${fio_seq[@]}" >/dev/null 2>&1
+start_plugin nsnap "$work/nsnap.img"
 
-cases=(base nosnap first copied newfile)
+cases=(base nosnap first copied qnbd qfirst qcopied nsnap newfile)
 for round in $(seq "$rounds"); do
   log "round $round of $rounds"
   order=("${cases[@]}")
-  if [ $((round % 2)) = 0 ]; then order=(newfile copied first nosnap base); fi
-  for kind in rand seq touch read; do
+  if [ $((round % 2)) = 0 ]; then order=(newfile nsnap qcopied qfirst qnbd copied first nosnap base); fi
+  for kind in rand seq rread touch read1 read4; do
     for c in "${order[@]}"; do measure "$c" "$kind"; done
   done
-  if [ "$round" -le 3 ]; then
+  if [ "$round" -le 2 ]; then
     rss_case big 1T plugin
     rss_case tiny 1M plugin
     if [ "$round" = 1 ]; then
@@ -430,12 +588,77 @@ for round in $(seq "$rounds"); do
       # 1 TiB: CBT blocks of 512 KiB, 4 bytes each; a 4 KiB page of the map
       # covers 1024 blocks = 512 MiB.
       rss_case big_spread 1T plugin $((512 << 20))
+      rss_case qsd_big 1T qsd
+      rss_case qsd_tiny 1M qsd
     fi
   fi
 done
 round=0
 record copied rss_kib "$(awk '$1 == "VmRSS:" {print $2}' "/proc/${pid[copied]}/status")"
-for s in base nosnap first copied; do stop_nbdkit "$s"; done
+record qcopied rss_kib "$(awk '$1 == "VmRSS:" {print $2}' "/proc/${pid[qcopied]}/status")"
+
+# ------------------------------------------------- memory per copied GiB
+# Anonymous memory of the server before a fresh snapshot and after a
+# first-touch pass over the whole volume; the chunk tables' own size from the
+# plugin's statistics (control link). The same for QEMU's fresh daemon.
+rss_anon() { awk '$1 == "RssAnon:" {print $2}' "/proc/${pid[$1]}/status"; }
+log "memory per copied chunk"
+settle "$work/first.img"
+a0=$(rss_anon first)
+take_snapshot first mem
+run fio --name=mem "${fio_common[@]}" --uri="$(uri first vol0)" "${fio_seq[@]}" >/dev/null 2>&1
+a1=$(rss_anon first)
+note "$py" tests/bench/bench.py linkinfo "$work/first.ctl" mem
+$py "$here/bench.py" linkinfo "$work/first.ctl" mem >"$work/meminfo.json"
+record mem_plugin anon0_kib "$a0"
+record mem_plugin anon1_kib "$a1"
+record mem_plugin chunks "$($py -c "import json; print(json.load(open('$work/meminfo.json'))['chunks_copied'])")"
+record mem_plugin table_bytes "$($py -c "import json; print(json.load(open('$work/meminfo.json'))['chunk_table_bytes'])")"
+record mem_plugin stamps_bytes "$($py -c "import json; print(json.load(open('$work/meminfo.json'))['saved_stamps_bytes'])")"
+destroy_snapshot first mem
+start_qsd_fresh qfirst "$work/qfirst.img"
+settle "$work/qfirst.img"
+a0=$(rss_anon qfirst)
+run fio --name=mem "${fio_common[@]}" --uri="$(uri qfirst vol0)" "${fio_seq[@]}" >/dev/null 2>&1
+record mem_qsd anon0_kib "$a0"
+record mem_qsd anon1_kib "$(rss_anon qfirst)"
+stop_nbdkit qfirst
+log "  plugin: RssAnon $a0 -> $a1 KiB, $(cat "$work/meminfo.json")"
+
+# ------------------------------------------------------------ take pause
+# 4 writers (libnbd, one connection each, 4k random writes at queue depth 1,
+# every write timed) on the volume of b) while snapshots are taken.
+log "take pause: $takes takes under 4 writers"
+settle "$work/nosnap.img"
+note "$py" tests/bench/bench.py takepause --uri "$(uri nosnap vol0)" --socket "$work/nosnap.ctl" --volume vol0 \
+  --dir "$work" --size "$size_bytes" --takes "$takes" --writers 4
+$py "$here/bench.py" takepause --uri "$(uri nosnap vol0)" --socket "$work/nosnap.ctl" --volume vol0 \
+  --dir "$work" --size "$size_bytes" --takes "$takes" --writers 4 >"$work/takepause.json"
+log "  $($py -c "import json; d = json.load(open('$work/takepause.json')); print('seen p50 %.2f ms, p99 %.2f ms; plugin pause p50 %.2f ms, p99 %.2f ms' % (d['seen_p50_ms'], d['seen_p99_ms'], d['plugin_p50_ms'], d['plugin_p99_ms']))")"
+
+log "  nsnap: ${#nheld[@]} snapshots held at the end"
+for s in base nosnap first copied qnbd qcopied nsnap; do stop_nbdkit "$s"; done
+
+# ------------------------------------------------------------------- CBT
+# nbdsnapd (which runs nbdkit + the plugin) on a sparse 1 TiB volume; 1% of
+# its CBT blocks written; `cbt changes` through the public API, timed.
+log "cbt changes on a sparse 1 TiB volume, 1% of the blocks changed"
+run truncate -s 1T "$work/cbt.img"
+rm -f "$work/cbt-api.sock" "$work/cbt-nbd.sock"
+note "$daemonbin" --foreground --state-dir "$work/cbt.state" --api-socket "$work/cbt-api.sock" \
+  --nbd-socket "$work/cbt-nbd.sock" --volume "big=$work/cbt.img" --plugin "$plugin"
+"$daemonbin" --foreground --state-dir "$work/cbt.state" --api-socket "$work/cbt-api.sock" \
+  --nbd-socket "$work/cbt-nbd.sock" --volume "big=$work/cbt.img" --plugin "$plugin" 2>"$work/nbdsnapd.log" &
+pid[cbt]=$!
+wait_started cbt "$work/cbt-api.sock" "$work/cbt-nbd.sock"
+note "$py" tests/bench/bench.py cbt --api "$work/cbt-api.sock" --uri "nbd+unix:///big?socket=$work/cbt-nbd.sock" --volume big
+$py "$here/bench.py" cbt --api "$work/cbt-api.sock" --uri "nbd+unix:///big?socket=$work/cbt-nbd.sock" \
+  --volume big --repeat 20 >"$work/cbt.json" || { cat "$work/nbdsnapd.log" >&2; exit 1; }
+[ -s "$work/cbt.json" ] || { cat "$work/cbt.err" "$work/nbdsnapd.log" >&2; exit 1; }
+kill -TERM "${pid[cbt]}"; wait "${pid[cbt]}" || true; unset "pid[cbt]"
+rm -f "$work/cbt.img"
+log "  $($py -c "import json; d = json.load(open('$work/cbt.json'))['snapshot']; print('%d ranges, p50 %.1f ms, max %.1f ms, %d bytes received' % (d['ranges'], d['ms_p50'], d['ms_max'], d['bytes_received']))")"
+
 # Server-side errors would make every figure suspect: show them.
 if grep -H -i 'error' "$work"/nbdkit-*.log >&2; then
   log "WARNING: the servers logged errors (above)"
@@ -447,6 +670,16 @@ json=$out/bench-$stamp.json
 $py "$here/bench.py" report --results "$results" --commands "$cmdlog" --json "$json" \
   --size "$size_bytes" --chunk "$chunk" --rounds "$rounds" --runtime "$runtime" \
   --quick "$quick" --workdir "$work" --fstype "$fstype" --build "$build" --seconds $((SECONDS - t_start)) \
-  --plugin-sha256 "$plugin_sum" --loadavg "$loadavg0" --waited "$waited"
+  --plugin-sha256 "$plugin_sum" --loadavg "$loadavg0" --waited "$waited" \
+  --takepause "$work/takepause.json" --cbt "$work/cbt.json" --chart "$chart"
 cp "$json" "$out/latest.json"
-echo "results: $json (and $out/latest.json)"
+# Next to the chart, a copy of the JSON without this machine's paths (the
+# chart and this copy are what docs/benchmarks.md shows).
+chart_json=${chart%.png}.json
+$py - "$json" "$chart_json" "$work" "$build" "$top" <<'PY'
+import sys
+src, dst, work, build, top = sys.argv[1:]
+text = open(src).read().replace(work, "$W").replace(build, "BUILD").replace(top, ".")
+open(dst, "w").write(text)
+PY
+echo "results: $json (and $out/latest.json), chart: $chart, $chart_json"
