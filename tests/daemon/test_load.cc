@@ -110,8 +110,15 @@ TEST_F(Load, SixteenClientsCreateTakeInfoDestroy) {
           api::Request tq;
           tq.mutable_take()->set_id(key);
           auto t = do_call("take", tq);
-          if (t && t->take().snapshot().state() != api::TAKEN)
-            record("take", Status::error(EIO, "state " + std::to_string(t->take().snapshot().state())));
+          if (t && t->take().snapshot().state() == api::CORRUPTED && t->take().snapshot().error_code() == ENOSPC) {
+            // The writer outran the 1 MiB growth steps (a loaded machine):
+            // exhaustion is the documented outcome, not an API error.
+            std::lock_guard lk(mu);
+            ++documented[ENOSPC];
+          } else if (t && t->take().snapshot().state() != api::TAKEN) {
+            record("take", Status::error(EIO, "state " + std::to_string(t->take().snapshot().state()) + ": " +
+                                                  t->take().snapshot().error()));
+          }
         }
         api::Request iq;
         iq.mutable_snapshot_info()->set_id(key);
