@@ -44,8 +44,9 @@ struct MoveOptions {
   NbdEndpoint sink_endpoint;  // kNbd
   int sink_fd = -1;           // kFile: written with pwrite from every worker
   std::string sink_path;      // kFile: its name, for messages
-  // kFile: start writeback of each write at once (sync_file_range), so that
-  // a final fsync finds little left and the disk works during the copy.
+  // kFile: start writeback of each write at once and drop the previous one
+  // from the page cache once written (sync_file_range, fadvise), so that
+  // the copy does not fill memory and a final fsync finds little left.
   bool start_writeback = false;
   bool sink_is_block_device = false;
   // Zero blocks become zero requests (the target may hold other data);
