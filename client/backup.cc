@@ -59,6 +59,21 @@ void compare(const std::vector<uint32_t>& got, const std::vector<uint32_t>& want
     }
 }
 
+// Reads RANGES of the point M (its qcow2 file, served read-only by
+// qemu-nbd) with O, whose source this sets; (*got)[b] receives the CRC of
+// every block read.
+Result<MoveResult> read_point(const BackupChain& chain, const Manifest& m, const std::vector<ByteRange>& ranges,
+                              MoveOptions o, std::vector<uint32_t>* got) {
+  auto server = QemuNbd::serve(chain.path_of(m.file), true, o.connections > 0 ? o.connections : 4);
+  if (!server) return server.status();
+  o.source = server->endpoint();
+  auto moved = BlockMover(std::move(o)).run(ranges, got, m.size);
+  Status stopped = server->stop();
+  if (!moved) return moved.status();
+  if (!stopped) return stopped;
+  return moved;
+}
+
 }  // namespace
 
 std::string utc_now() {
@@ -243,16 +258,10 @@ Result<RestoreResult> run_restore(const BackupChain& chain, const Manifest& poin
     o.sink_path = t.path;
     o.start_writeback = true;
   }
-  auto server = QemuNbd::serve(chain.path_of(point.file), true, connections > 0 ? connections : 4);
-  if (!server) return server.status().with_context(what);
-  o.source = server->endpoint();
-
   RestoreResult res;
   std::vector<uint32_t> got(want->size(), 0);
-  auto moved = BlockMover(o).run({{0, point.size}}, &got, point.size);
-  Status stopped = server->stop();
+  auto moved = read_point(chain, point, {{0, point.size}}, std::move(o), &got);
   if (!moved) return moved.status().with_context(what);
-  if (!stopped) return stopped.with_context(what);
   if (fd >= 0 && ::fsync(fd) != 0) return Status::from_errno(what + ": fsync " + t.path);
   res.move = *moved;
   compare(got, *want, {{0, point.size}}, point.block_size, &res.blocks, &res.bad_count, &res.bad_blocks);
@@ -280,18 +289,13 @@ Result<VerifyResult> run_verify(const BackupChain& chain, const Manifest& b, boo
       for (size_t k = 0; k < cs.size(); ++k) want[first + k] = cs[k];
     ranges = ranges_of(b.checksums, b.size);
   }
-  auto server = QemuNbd::serve(chain.path_of(b.file), true, connections > 0 ? connections : 4);
-  if (!server) return server.status().with_context(what);
   MoveOptions o;
-  o.source = server->endpoint();
   o.block_size = b.block_size;
   o.connections = connections;
   o.progress = std::move(progress);
   std::vector<uint32_t> got(want.size(), 0);
-  auto moved = BlockMover(o).run(ranges, &got, b.size);
-  Status stopped = server->stop();
+  auto moved = read_point(chain, b, ranges, std::move(o), &got);
   if (!moved) return moved.status().with_context(what);
-  if (!stopped) return stopped.with_context(what);
   res.move = *moved;
   compare(got, want, ranges, b.block_size, &res.blocks, &res.bad_count, &res.bad_blocks);
   return res;

@@ -62,7 +62,6 @@ struct Shared {
   const MoveOptions* o;
   const std::vector<Piece>* pieces;
   std::vector<uint32_t>* crcs;
-  uint64_t size;
   uint32_t zero_block_crc;
   const char* zeros;  // zeros_size bytes of zeros
   uint64_t zeros_size;
@@ -450,7 +449,6 @@ Result<MoveResult> BlockMover::run(const std::vector<ByteRange>& ranges, std::ve
   sh.o = &o_;
   sh.pieces = &pieces;
   sh.crcs = crcs;
-  sh.size = size;
   sh.zero_block_crc = crc32c(zero_block.get(), bs);
   sh.zeros = zero_block.get();
   sh.zeros_size = zeros_size;

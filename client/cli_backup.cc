@@ -90,17 +90,6 @@ NbdEndpoint endpoint_options(CommandContext& ctx, std::string uri) {
   return ep;
 }
 
-// The URI of EXPORT among the daemon's (the Unix socket one comes first).
-std::string uri_of_export(const google::protobuf::RepeatedPtrField<std::string>& uris, const std::string& exp) {
-  for (const auto& u : uris) {
-    auto q = u.find('?');
-    std::string path = u.substr(0, q);
-    if (path.size() >= exp.size() + 1 && path.compare(path.size() - exp.size() - 1, std::string::npos, "/" + exp) == 0)
-      return u;
-  }
-  return "";
-}
-
 Status make_dir(const std::string& dir) {
   struct stat st {};
   if (::stat(dir.c_str(), &st) == 0) {
@@ -129,6 +118,13 @@ std::string export_of_uri(const std::string& uri) {
     }
   }
   return out;
+}
+
+// The URI of EXPORT among the daemon's (the Unix socket one comes first).
+std::string uri_of_export(const google::protobuf::RepeatedPtrField<std::string>& uris, const std::string& exp) {
+  for (const auto& u : uris)
+    if (export_of_uri(u) == exp) return u;
+  return "";
 }
 
 // An exclusive lock on DIR for one backup at a time (held until exit).
