@@ -658,8 +658,9 @@ const std::vector<CommandSpec>& commands() {
        "restore one point of a backup chain to a file, device, NBD export or volume",
        "Writes the volume as it was at one backup of DIR (its qcow2 file and its backing chain, served "
        "read-only by qemu-nbd) to exactly one target. Holes of a new file stay holes; on devices, exports and "
-       "volumes zero blocks are written as zeroes. Every block is checked against the CRC-32C of the "
-       "manifests while it is copied; a mismatch fails the restore (exit 1) naming the first bad offset. "
+       "volumes zero blocks are written as zeroes. The CRC-32C of every block is computed as it is copied and "
+       "compared with the manifests; a mismatch fails the restore (exit 1) at the end, naming the first bad "
+       "offset. "
        "Writes to a volume are tracked by CBT like any other.",
        "One line: the backup, the target, blocks checked.\n"
        "--json: {backup, target, size, blocks_checked, bytes_read, bytes_written, bytes_zero, seconds_ms}.",
