@@ -40,6 +40,7 @@ Result<std::unique_ptr<Volume>> Volume::open(const std::string& name, const std:
     v->block_device_ = S_ISBLK(st.st_mode);
     v->dev_ = v->block_device_ ? st.st_rdev : st.st_dev;
     v->ino_ = v->block_device_ ? 0 : st.st_ino;
+    if (S_ISREG(st.st_mode)) v->writer_ = std::make_unique<OriginWriter>(fd, "write origin");
   }
   Status cs = v->cbt_.open(cbt_path, g, &v->cbt_reset_reason_);
   if (!cs) return cs.with_context(ctx);
@@ -58,6 +59,7 @@ Volume::Volume(std::string name, std::string path, int fd, const Geometry& g, co
       chain_(std::make_shared<Chain>()) {}
 
 Volume::~Volume() {
+  writer_.reset();  // before the descriptor it writes to is closed
   (void)cbt_.close();
   ::close(fd_);
 }
@@ -98,7 +100,8 @@ Status Volume::modify(uint64_t offset, uint64_t length, const char* op, Apply&& 
 
 Status Volume::write(const void* buf, uint64_t length, uint64_t offset, bool fua) {
   return modify(offset, length, "write", [&]() -> Status {
-    Status st = pwrite_all(fd_, buf, length, offset, "write origin");
+    Status st = writer_ ? writer_->write(buf, length, offset)
+                        : pwrite_all(fd_, buf, length, offset, "write origin");
     if (st && fua && ::fdatasync(fd_) != 0) return Status::from_errno("write origin: fdatasync");
     return st;
   });

@@ -24,6 +24,7 @@
 #include "cbt_map.h"
 #include "chunk_locks.h"
 #include "geometry.h"
+#include "origin_writer.h"
 #include "params.h"
 #include "snapshot.h"
 #include "status.h"
@@ -123,6 +124,8 @@ class Volume {
   const Geometry geometry_;
   const std::atomic<uint32_t>* const sequence_;
   bool block_device_ = false;
+  // Regular files only: their buffered writes serialize on the inode lock.
+  std::unique_ptr<OriginWriter> writer_;
   dev_t dev_ = 0;
   ino_t ino_ = 0;
   std::string cbt_reset_reason_;

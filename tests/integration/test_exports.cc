@@ -1,7 +1,8 @@
 // The NBD export names: VOLUME@SNAPSHOT is read-only and refuses writes;
 // unknown and destroyed exports fail cleanly, also for a connection that
 // was open when the snapshot went away; `nbdinfo --list` follows takes and
-// destroys.
+// destroys. Also: nbdkit without -f (it forks into the background after the
+// plugin opened its volumes) serves writes, snapshots and the control link.
 #include "nbdkit_fixture.h"
 #include "stamp.h"
 
@@ -130,6 +131,78 @@ TEST_F(Exports, NbdinfoListShowsVolumeAndSnapshotExportsUntilDestroy) {
   EXPECT_EQ(text.exit_code, 0) << text.err;
   EXPECT_NE(text.out.find("export=\"vol0@s2\""), std::string::npos) << text.out;
   EXPECT_EQ(text.out.find("vol0@s1"), std::string::npos) << text.out;
+}
+
+// The plugin opens its volumes before nbdkit daemonizes; the fork keeps no
+// thread, so every thread the data path needs must start after it (a write
+// that waited for a thread lost in the fork would hang).
+class Daemonized : public NbdkitTest {
+ protected:
+  void TearDown() override {
+    link_.close();
+    if (pid_ > 0) {
+      ::kill(pid_, SIGTERM);
+      auto deadline = Clock::now() + std::chrono::seconds(30);
+      while (::kill(pid_, 0) == 0 && Clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      if (::kill(pid_, 0) == 0) {
+        ADD_FAILURE() << "daemonized nbdkit did not exit within 30 s of SIGTERM";
+        ::kill(pid_, SIGKILL);
+      }
+    }
+    NbdkitTest::TearDown();
+  }
+  pid_t pid_ = -1;
+};
+
+TEST_F(Daemonized, ForkedServerServesWritesSnapshotsAndTheLink) {
+  constexpr uint64_t kSize = 4 * MiB;
+  make_volume(kSize);
+  std::string pidfile = path("nbdkit.pid");
+  // Through sh so that the daemon's output goes to the log, not to a pipe
+  // that run_command would wait on.
+  std::string cmd = "exec nbdkit -P '" + pidfile + "' -U '" + nbd_socket_ + "' '" + plugin_ + "' volume=" +
+                    kVolume + "='" + volume_path_ + "' state='" + state_dir_ + "' control='" +
+                    control_socket_ + "' chunk_minimum_shift=16 >>'" + log_path_ + "' 2>&1";
+  CommandResult r = run_command({"sh", "-c", cmd}, 30);
+  ASSERT_EQ(r.exit_code, 0) << r.err << read_text(log_path_);
+  auto deadline = Clock::now() + std::chrono::seconds(20);
+  while (pid_ <= 0 && Clock::now() < deadline) {
+    std::string text = read_text(pidfile);
+    if (!text.empty() && text.back() == '\n')
+      pid_ = static_cast<pid_t>(std::stol(text));
+    else
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_GT(pid_, 0) << "no pid file: " << read_text(log_path_);
+  Status st;
+  while (!(st = link_.connect(control_socket_)) && Clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ASSERT_TRUE(IsOk(st));
+
+  std::string err;
+  NbdPtr h = open(kVolume, {}, &err);
+  ASSERT_TRUE(h) << err;
+  std::vector<char> want(kSize), b(64 * KiB);
+  stamp_range(want.data(), 0, kSize, 1);
+  ASSERT_EQ(nbd_write_all(h.get(), want.data(), kSize, 0), "");
+  ASSERT_TRUE(IsOk(snapshot("s1", kSize)));
+  stamp_range(b.data(), MiB, b.size(), 2);
+  ASSERT_EQ(nbd_write_all(h.get(), b.data(), b.size(), MiB), "");
+  ASSERT_NE(nbd_flush(h.get(), 0), -1) << nbd_get_error();
+  std::memcpy(want.data() + MiB, b.data(), b.size());
+
+  std::vector<char> got(kSize);
+  ASSERT_EQ(nbd_read_all(h.get(), got.data(), kSize, 0), "");
+  EXPECT_TRUE(got == want) << "the volume does not read back what was written";
+  EXPECT_EQ(read_text(volume_path_), std::string(want.begin(), want.end())) << "the file differs";
+  NbdPtr snap = open("vol0@s1", {}, &err);
+  ASSERT_TRUE(snap) << err;
+  ASSERT_EQ(nbd_read_all(snap.get(), got.data(), b.size(), MiB), "");
+  EXPECT_EQ(check_block(got.data(), MiB, 1), "");
+  auto i = info("s1");
+  ASSERT_TRUE(IsOk(i.status()));
+  EXPECT_EQ(i->info().snapshot().chunks_copied(), 1u);
 }
 
 }  // namespace
