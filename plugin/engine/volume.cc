@@ -66,6 +66,10 @@ Volume::~Volume() {
 
 // ---------------------------------------------------------------- origin I/O
 
+namespace {
+constexpr uint64_t kWriterMaxBytes = 256 * 1024;  // origin writes below this go to writer_
+}
+
 Status Volume::usable(const char* op) const {
   if (retired_.load(std::memory_order_acquire))
     return Status::error(EIO, std::string(op) + ": volume " + name_ + " was removed");
@@ -100,8 +104,12 @@ Status Volume::modify(uint64_t offset, uint64_t length, const char* op, Apply&& 
 
 Status Volume::write(const void* buf, uint64_t length, uint64_t offset, bool fua) {
   return modify(offset, length, "write", [&]() -> Status {
-    Status st = writer_ ? writer_->write(buf, length, offset)
-                        : pwrite_all(fd_, buf, length, offset, "write origin");
+    // Small writes go to the writer thread (they are what the inode lock
+    // spinning hurt); large ones are mostly a copy into the page cache, and
+    // the hand-over cost them more than it saved (A/B: 1M writes 0.88x
+    // through the writer, 1.06x direct next to small ones through it).
+    Status st = writer_ && length < kWriterMaxBytes ? writer_->write(buf, length, offset)
+                                                     : pwrite_all(fd_, buf, length, offset, "write origin");
     if (st && fua && ::fdatasync(fd_) != 0) return Status::from_errno("write origin: fdatasync");
     return st;
   });

@@ -125,6 +125,7 @@ class Volume {
   const std::atomic<uint32_t>* const sequence_;
   bool block_device_ = false;
   // Regular files only: their buffered writes serialize on the inode lock.
+  // Writes under 256 KiB go through it, larger ones are written directly.
   std::unique_ptr<OriginWriter> writer_;
   dev_t dev_ = 0;
   ino_t ino_ = 0;
