@@ -16,10 +16,12 @@
 #      one long-lived whose every cluster is copied
 #   nsnap) plugin, one volume measured with 1, 4 and 16 snapshots held (the
 #      older ones hold copies; the newest is fresh: the run's copy target)
+#   first64) plugin with 64 KiB chunks, first touch (one write per chunk only)
 # and the measurements alternate between them, round after round (the order
 # reversed every other round); the tables show medians and paired ratios.
 # Measured: fio 4k randwrite qd32, 1M sequential write of the whole volume,
-# 4k randread qd32; 4k writes one per chunk (every write a first touch);
+# 4k randread qd32; 4k writes one per chunk (every write a first touch),
+# with the disk's O_DIRECT chunk-write rate as the reference;
 # nbdcopy reads to null: with 1 and 4 connections; the pause of origin
 # writes around takes (4 writers); `cbt changes` through nbdsnapd's API on a
 # sparse 1 TiB volume with 1% of its blocks changed; RSS per TiB of origin
@@ -111,10 +113,10 @@ if [ $quick = 1 ]; then rounds=1; runtime=2; copies=2; takes=15; else rounds=3; 
 
 # ------------------------------------------------------------- work directory
 # Not tmpfs: the cases must pay the same page-cache + file-system costs as a
-# real volume. $TMPDIR first, then /var/tmp, then /tmp. Needs about 24 x size:
-# the random data, eight volumes, difference files and QEMU targets (the 16
-# snapshots of nsnap keep up to 5 x size).
-need=$((size_bytes * 24 + (256 << 20)))
+# real volume. $TMPDIR first, then /var/tmp, then /tmp. Needs about 27 x size:
+# the random data, nine volumes, difference files, QEMU targets, the disk
+# reference file (the 16 snapshots of nsnap keep up to 5 x size).
+need=$((size_bytes * 27 + (256 << 20)))
 dir=
 for cand in ${TMPDIR:-} /var/tmp /tmp; do
   [ -d "$cand" ] && [ -w "$cand" ] || continue
@@ -408,8 +410,8 @@ nbdcopy_read() {  # CASE S EXPORT CONNECTIONS
 # copies (older ones taken one after another, 1/8 of the volume written
 # between two takes); each run takes a fresh one (the Nth, the copy target:
 # every chunk the run touches is a first touch), which then stays as an older
-# one. Odd rounds go 1, 4, 16 (building up), even rounds 16, 4, 1 (destroying
-# the oldest down to the count).
+# one. Odd rounds go 1, 4, 16, 1, even rounds 16, 4, 1, 16 (destroying the
+# oldest down to the count, or taking older ones up to it).
 nheld=()   # names, oldest first
 npass=0
 nsnap_build() {  # COUNT: take older snapshots, with a write pass after each
@@ -428,8 +430,10 @@ nsnap_shrink() {  # COUNT: destroy the oldest down to COUNT
     nheld=("${nheld[@]:1}")
   done
 }
+mruns=0
 multi_run() {  # N KIND
-  local n=$1 kind=$2 name=m$round$kind$1
+  mruns=$((mruns + 1))
+  local n=$1 kind=$2 name=m$mruns
   if [ ${#nheld[@]} -lt $((n - 1)) ]; then nsnap_build $((n - 1)); else nsnap_shrink $((n - 1)); fi
   take_snapshot nsnap "$name"
   nheld+=("$name")
@@ -467,6 +471,33 @@ measure() {  # CASE KIND
                  { echo "run.sh: one write per chunk copied $(chunks_copied first fresh) of $chunks chunks" >&2; exit 1; } ;;
       esac
       destroy_snapshot first fresh ;;
+    first64)
+      # The same as first's one write per chunk, with 64 KiB chunks: each
+      # write copies 64 KiB, as QEMU's does.
+      [ "$kind" = touch ] && [ -n "$with64" ] || return 0
+      take_snapshot first64 fresh
+      settle "$work/first64.img"
+      fio_run first64 first64 vol0 touch
+      [ "$(chunks_copied first64 fresh)" = "$chunks" ] ||
+        { echo "run.sh: one write per chunk (64 KiB chunks) copied $(chunks_copied first64 fresh) of $chunks chunks" >&2; exit 1; }
+      destroy_snapshot first64 fresh ;;
+    diskref)
+      # Reference, no NBD: how many chunk-sized O_DIRECT writes per second
+      # this disk takes into freshly preallocated blocks (4 writers), the
+      # ceiling of first-touch copies into difference storage.
+      [ "$kind" = touch ] || return 0
+      rm -f "$work/diskref.img"
+      run fallocate -l "$size_bytes" "$work/diskref.img"
+      settle
+      run fio --name=diskref --filename="$work/diskref.img" --ioengine=psync --direct=1 --rw=write \
+        --bs="$chunk" --numjobs=4 --size=$((size_bytes / 4)) --offset_increment=$((size_bytes / 4)) \
+        --group_reporting --output-format=json >"$work/fio.json" 2>"$work/fio.err" ||
+        { cat "$work/fio.err" >&2; exit 1; }
+      local iops mibs
+      read -r iops mibs < <($py "$here/bench.py" fio "$work/fio.json")
+      record diskref touch_iops "$iops"
+      log "  diskref: O_DIRECT $((chunk >> 10)) KiB writes into preallocated blocks $iops/s"
+      rm -f "$work/diskref.img" ;;
     newfile)
       # Reference, no NBD: the cost of new page cache on this machine (what
       # first-touch copies pay for the difference storage file).
@@ -502,8 +533,10 @@ measure() {  # CASE KIND
     nsnap)
       [ "$kind" = rand ] || [ "$kind" = seq ] || return 0
       local n
-      if [ $((round % 2)) = 1 ]; then for n in 1 4 16; do multi_run "$n" "$kind"; done
-      else for n in 16 4 1; do multi_run "$n" "$kind"; done; fi ;;
+      # The count measured first is measured again last, so that a drift
+      # along the round (page cache, disk) weighs on 1 and 16 alike.
+      if [ $((round % 2)) = 1 ]; then for n in 1 4 16 1; do multi_run "$n" "$kind"; done
+      else for n in 16 4 1 16; do multi_run "$n" "$kind"; done; fi ;;
   esac
 }
 
@@ -550,9 +583,15 @@ loadavg0=$(cut -d' ' -f1-3 /proc/loadavg)
 log "load average before the run: $loadavg0 (other jobs on this machine distort the figures)"
 log "work directory $work ($fstype), volume $size ($size_bytes bytes, $chunks chunks of $((chunk >> 10)) KiB)"
 log "$rounds round(s), fio randwrite runtime ${runtime}s, $copies nbdcopy reads per case and round"
-log "setup: random data, eight copies, the servers"
+log "setup: random data, one copy per volume, the servers"
 run dd if=/dev/urandom of="$fill" bs=1M count=$((size_bytes >> 20)) status=none
 vols=(base nosnap first copied qnbd qfirst qcopied nsnap)
+# first64: the plugin with 64 KiB chunks (QEMU's copy granularity), for the
+# one-write-per-chunk workload only; skipped when --plugin-param sets the
+# chunk size anyway.
+with64=1
+case " ${plugin_params[*]-} " in *" chunk_minimum_shift="*) with64= ;; esac
+[ -z "$with64" ] || vols+=(first64)
 for v in "${vols[@]}"; do run cp --sparse=never "$fill" "$work/$v.img"; done
 rm -f "$fill"
 sync
@@ -571,13 +610,20 @@ run fallocate -l "$size_bytes" "$work/qcopied-target.img"
 start_qsd qcopied "$work/qcopied.img" "$work/qcopied-target.img"
 run fio --name=fill "${fio_common[@]}" --uri="$(uri qcopied vol0)" "${fio_seq[@]}" >/dev/null 2>&1
 start_plugin nsnap "$work/nsnap.img"
+if [ -n "$with64" ]; then
+  rm -rf "$work/first64.state"
+  start_nbdkit first64 "$plugin" volume=vol0="$work/first64.img" state="$work/first64.state" \
+    control="$work/first64.ctl" ${plugin_params[@]+"${plugin_params[@]}"} chunk_minimum_shift=16
+fi
 
-cases=(base nosnap first copied qnbd qfirst qcopied nsnap newfile)
+cases=(base nosnap first first64 copied qnbd qfirst qcopied nsnap newfile diskref)
 for round in $(seq "$rounds"); do
   log "round $round of $rounds"
   order=("${cases[@]}")
-  if [ $((round % 2)) = 0 ]; then order=(newfile nsnap qcopied qfirst qnbd copied first nosnap base); fi
-  for kind in rand seq rread touch read1 read4; do
+  if [ $((round % 2)) = 0 ]; then order=(diskref newfile nsnap qcopied qfirst qnbd copied first64 first nosnap base); fi
+  # seq twice: a 1M pass over 1 GiB takes under half a second here, so one
+  # sample per round is at the mercy of a single hiccup.
+  for kind in rand seq seq rread touch read1 read4; do
     for c in "${order[@]}"; do measure "$c" "$kind"; done
   done
   if [ "$round" -le 2 ]; then
@@ -637,7 +683,7 @@ $py "$here/bench.py" takepause --uri "$(uri nosnap vol0)" --socket "$work/nosnap
 log "  $($py -c "import json; d = json.load(open('$work/takepause.json')); print('seen p50 %.2f ms, p99 %.2f ms; plugin pause p50 %.2f ms, p99 %.2f ms' % (d['seen_p50_ms'], d['seen_p99_ms'], d['plugin_p50_ms'], d['plugin_p99_ms']))")"
 
 log "  nsnap: ${#nheld[@]} snapshots held at the end"
-for s in base nosnap first copied qnbd qcopied nsnap; do stop_nbdkit "$s"; done
+for s in base nosnap first copied qnbd qcopied nsnap ${with64:+first64}; do stop_nbdkit "$s"; done
 
 # ------------------------------------------------------------------- CBT
 # nbdsnapd (which runs nbdkit + the plugin) on a sparse 1 TiB volume; 1% of
