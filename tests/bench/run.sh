@@ -106,7 +106,7 @@ chunk=$((256 << 10))
 while [ $((size_bytes / chunk)) -gt 2097152 ]; do chunk=$((chunk * 2)); done
 chunks=$(((size_bytes + chunk - 1) / chunk))
 
-if [ $quick = 1 ]; then rounds=1; runtime=2; copies=2; takes=15; else rounds=3; runtime=5; copies=2; takes=40; fi
+if [ $quick = 1 ]; then rounds=1; runtime=2; copies=2; takes=15; else rounds=3; runtime=5; copies=4; takes=40; fi
 [ -z "$rounds_opt" ] || rounds=$rounds_opt
 # Total seconds the run may spend waiting for other work to calm down.
 [ -n "$max_wait" ] || { [ $quick = 1 ] && max_wait=15 || max_wait=60; }
