@@ -487,31 +487,28 @@ def cmd_report(args):
     p("")
 
     # ---- nbdsnap vs QEMU, paired
-    vsq = [("4k randwrite, no snapshot (qemu-nbd)", "nosnap", "qnbd", "rand_iops"),
-           ("4k randwrite, snapshot, first touch", "first", "qfirst", "rand_iops"),
-           ("4k randwrite, snapshot, all copied", "copied", "qcopied", "rand_iops"),
-           ("1M seqwrite, no snapshot (qemu-nbd)", "nosnap", "qnbd", "seq_mibs"),
-           ("1M seqwrite, snapshot, first touch", "first", "qfirst", "seq_mibs"),
-           ("1M seqwrite, snapshot, all copied", "copied", "qcopied", "seq_mibs"),
-           ("4k randread, no snapshot (qemu-nbd)", "nosnap", "qnbd", "rread_iops"),
-           ("4k randread, snapshot, first touch", "first", "qfirst", "rread_iops"),
-           ("4k randread, snapshot, all copied", "copied", "qcopied", "rread_iops"),
-           ("4k one write per chunk, first touch", "first", "qfirst", "touch_iops"),
-           ("snapshot read, fresh, 1 connection", "snap_fresh_read", "qsnap_fresh_read", "read_mibs"),
-           ("snapshot read, fresh, 4 connections", "snap_fresh_read", "qsnap_fresh_read", "read4_mibs"),
-           ("snapshot read, all copied, 1 connection", "snap_copied_read", "qsnap_copied_read", "read_mibs"),
-           ("snapshot read, all copied, 4 connections", "snap_copied_read", "qsnap_copied_read", "read4_mibs")]
+    vsq = [(f"{work}, {state}", ours, theirs, metric)
+           for work, metric in (("4k randwrite", "rand_iops"), ("1M seqwrite", "seq_mibs"),
+                                ("4k randread", "rread_iops"))
+           for state, ours, theirs in (("no snapshot (qemu-nbd)", "nosnap", "qnbd"),
+                                       ("snapshot, first touch", "first", "qfirst"),
+                                       ("snapshot, all copied", "copied", "qcopied"))]
+    vsq.append(("4k one write per chunk, first touch", "first", "qfirst", "touch_iops"))
+    vsq += [(f"snapshot read, {state}, {conns}", ours, theirs, metric)
+            for state, ours, theirs in (("fresh", "snap_fresh_read", "qsnap_fresh_read"),
+                                        ("all copied", "snap_copied_read", "qsnap_copied_read"))
+            for conns, metric in (("1 connection", "read_mibs"), ("4 connections", "read4_mibs"))]
     # Not targets: the plugin with another chunk size than its default.
     vsq_info = [("4k one write per chunk, 64 KiB chunks", "first64", "qfirst", "touch_iops")]
     p(f"{'nbdsnap vs QEMU (same round)':<44} {'nbdsnap':>10} {'QEMU':>10} {'ratio':>7}")
     vs = {}
-    for label, ours, theirs, metric in vsq + vsq_info:
-        if m(ours, metric) is None and (label, ours, theirs, metric) in vsq_info:
+    for label, ours, theirs, metric, info in [(*v, False) for v in vsq] + [(*v, True) for v in vsq_info]:
+        if info and m(ours, metric) is None:
             continue
         r = pr(ours, theirs, metric)
         unit = "MiB/s" if "mibs" in metric else "IOPS"
-        info = "  (info)" if (label, ours, theirs, metric) in vsq_info else ""
-        p(f"  {label:<42} {fmt(m(ours, metric)):>10} {fmt(m(theirs, metric)):>10} {fmt_ratio(r):>7}  {unit}{info}")
+        p(f"  {label:<42} {fmt(m(ours, metric)):>10} {fmt(m(theirs, metric)):>10} {fmt_ratio(r):>7}  {unit}"
+          f"{'  (info)' if info else ''}")
         vs[label] = {"nbdsnap": m(ours, metric), "qemu": m(theirs, metric), "ratio": r, "unit": unit}
     p("")
 

@@ -53,7 +53,7 @@ max_wait=
 rounds_opt=
 plugin_params=()
 
-usage() { sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case $1 in
     --size) size=$2; shift 2 ;;
@@ -256,9 +256,11 @@ start_qemu_nbd() {  # S VOLUME_PATH
   pid[$s]=$!
   wait_started "$s" "$sk"
 }
-start_plugin() {  # S VOLUME_PATH
-  rm -rf "$work/$1.state"
-  start_nbdkit "$1" "$plugin" volume=vol0="$2" state="$work/$1.state" control="$work/$1.ctl" ${plugin_params[@]+"${plugin_params[@]}"}
+start_plugin() {  # S VOLUME_PATH [KEY=VALUE...]: after --plugin-param's
+  local s=$1 v=$2; shift 2
+  rm -rf "$work/$s.state"
+  start_nbdkit "$s" "$plugin" volume=vol0="$v" state="$work/$s.state" control="$work/$s.ctl" \
+    ${plugin_params[@]+"${plugin_params[@]}"} "$@"
 }
 lnk() { local s=$1; shift; run "$linkbin" --socket "$work/$s.ctl" "$@"; }
 alive() {  # every server still running (a crash must not go unnoticed)
@@ -453,11 +455,13 @@ measure() {  # CASE KIND
     nosnap)
       settle "$work/nosnap.img"
       if [ -n "$conns" ]; then nbdcopy_read vol_read nosnap vol0 "$conns"; else fio_run nosnap nosnap vol0 "$kind"; fi ;;
-    first)
+    first|first64)
       # A fresh snapshot of data already written: the run copies every chunk
-      # it touches for the first time.
-      take_snapshot first fresh
-      settle "$work/first.img"
+      # it touches for the first time. first64 (64 KiB chunks, QEMU's copy
+      # size) runs the one-write-per-chunk workload only.
+      [ "$c" = first ] || { [ "$kind" = touch ] && [ -n "$with64" ]; } || return 0
+      take_snapshot "$c" fresh
+      settle "$work/$c.img"
       case $kind in
         read1|read4) nbdcopy_read snap_fresh_read first vol0@fresh "$conns" ;;
         rand) fio_run first first vol0 rand
@@ -466,21 +470,11 @@ measure() {  # CASE KIND
         seq) fio_run first first vol0 seq
              [ "$(chunks_copied first fresh)" = "$chunks" ] ||
                { echo "run.sh: first-touch seqwrite copied $(chunks_copied first fresh) of $chunks chunks" >&2; exit 1; } ;;
-        touch) fio_run first first vol0 touch
-               [ "$(chunks_copied first fresh)" = "$chunks" ] ||
-                 { echo "run.sh: one write per chunk copied $(chunks_copied first fresh) of $chunks chunks" >&2; exit 1; } ;;
+        touch) fio_run "$c" "$c" vol0 touch
+               [ "$(chunks_copied "$c" fresh)" = "$chunks" ] ||
+                 { echo "run.sh: one write per chunk ($c) copied $(chunks_copied "$c" fresh) of $chunks chunks" >&2; exit 1; } ;;
       esac
-      destroy_snapshot first fresh ;;
-    first64)
-      # The same as first's one write per chunk, with 64 KiB chunks: each
-      # write copies 64 KiB, as QEMU's does.
-      [ "$kind" = touch ] && [ -n "$with64" ] || return 0
-      take_snapshot first64 fresh
-      settle "$work/first64.img"
-      fio_run first64 first64 vol0 touch
-      [ "$(chunks_copied first64 fresh)" = "$chunks" ] ||
-        { echo "run.sh: one write per chunk (64 KiB chunks) copied $(chunks_copied first64 fresh) of $chunks chunks" >&2; exit 1; }
-      destroy_snapshot first64 fresh ;;
+      destroy_snapshot "$c" fresh ;;
     diskref)
       # Reference, no NBD: how many chunk-sized O_DIRECT writes per second
       # this disk takes into freshly preallocated blocks (4 writers), the
@@ -610,11 +604,7 @@ run fallocate -l "$size_bytes" "$work/qcopied-target.img"
 start_qsd qcopied "$work/qcopied.img" "$work/qcopied-target.img"
 run fio --name=fill "${fio_common[@]}" --uri="$(uri qcopied vol0)" "${fio_seq[@]}" >/dev/null 2>&1
 start_plugin nsnap "$work/nsnap.img"
-if [ -n "$with64" ]; then
-  rm -rf "$work/first64.state"
-  start_nbdkit first64 "$plugin" volume=vol0="$work/first64.img" state="$work/first64.state" \
-    control="$work/first64.ctl" ${plugin_params[@]+"${plugin_params[@]}"} chunk_minimum_shift=16
-fi
+[ -z "$with64" ] || start_plugin first64 "$work/first64.img" chunk_minimum_shift=16
 
 cases=(base nosnap first first64 copied qnbd qfirst qcopied nsnap newfile diskref)
 for round in $(seq "$rounds"); do
