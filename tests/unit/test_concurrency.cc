@@ -104,6 +104,67 @@ TEST(Concurrency, SnapshotReadersNeverSeeDataWrittenAfterTheTake) {
   EXPECT_GT(checked.load(), 0u);
 }
 
+// Extents of a snapshot come from one walk of the origin's allocation plus a
+// per-chunk table check: trims that punch holes in the origin after the take
+// must never show up as holes of the snapshot, whatever the interleaving.
+TEST(Concurrency, SnapshotExtentsNeverShowHolesPunchedAfterTheTake) {
+  uint64_t seed = test::test_seed("SnapshotExtentsNeverShowHolesPunchedAfterTheTake");
+  constexpr uint64_t kSize = 2 * kMiB, kSmallChunk = 4 * kKiB, kChunks = kSize / kSmallChunk;
+  Harness::Options o;
+  o.volumes = {{"vol", kSize}};
+  ASSERT_OK(o.params.set("chunk_minimum_shift", "12"));
+  Harness h(o);
+  std::atomic<uint64_t> bad{0}, checked{0};
+  for (int iter = 0; iter < 30 && bad == 0; ++iter) {
+    ASSERT_OK(h.write(0, std::vector<char>(kSize, static_cast<char>(1 + iter % 200))));
+    std::string name = "holes" + std::to_string(iter);
+    h.snapshot(name, kSize);
+    auto ref = test::must(h.engine().open_export("vol@" + name));
+    std::atomic<bool> trimmers_done{false};
+    StartLine line(4);
+    auto trimmer = [&](int w) {
+      line.arrive();
+      for (uint64_t k = 0; k < kChunks; ++k) {
+        uint64_t c = w == 0 ? k : kChunks - 1 - k;
+        if (!h.vol()->trim(kSmallChunk, c * kSmallChunk, false)) bad += 1000;
+      }
+    };
+    auto reader = [&](int r) {
+      std::mt19937_64 rng(seed + iter * 16 + r);
+      line.arrive();
+      do {
+        uint64_t off = (rng() % kChunks) * kSmallChunk;
+        uint64_t len = std::min<uint64_t>((1 + rng() % 64) * kSmallChunk, kSize - off);
+        std::vector<Extent> ext;
+        if (!ref.volume->snapshot_extents(*ref.part, len, off, &ext)) {
+          bad += 1000;
+          return;
+        }
+        uint64_t pos = off;
+        for (const Extent& e : ext) {
+          if (e.offset != pos || e.hole) ++bad;
+          pos += e.length;
+        }
+        if (pos != off + len) ++bad;
+        ++checked;
+      } while (!trimmers_done.load());
+    };
+    std::thread t0(trimmer, 0), t1(trimmer, 1), r0(reader, 0), r1(reader, 1);
+    t0.join();
+    t1.join();
+    trimmers_done = true;
+    r0.join();
+    r1.join();
+    std::vector<Extent> after;
+    ASSERT_OK(h.vol()->extents(kSize, 0, &after));
+    ASSERT_EQ(after.size(), 1u);
+    EXPECT_TRUE(after[0].hole) << "the trims really punched the origin (iteration " << iter << ")";
+    ASSERT_OK(h.engine().destroy(name));
+  }
+  EXPECT_EQ(bad.load(), 0u) << "snapshot extents showed a hole punched after the take";
+  EXPECT_GT(checked.load(), 0u);
+}
+
 TEST(Concurrency, ConcurrentFirstWritesToOneChunkCopyItExactlyOnce) {
   Harness h;
   for (int iter = 0; iter < 40; ++iter) {
