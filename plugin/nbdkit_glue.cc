@@ -284,7 +284,8 @@ struct nbdkit_plugin make_plugin() {
       "chunk_maximum_shift           (26) largest chunk, 2^N bytes\n"
       "chunk_maximum_in_queue        (16) chunk copies in flight before writers wait\n"
       "free_diff_buffer_pool_size    (128) chunk buffers kept for reuse\n"
-      "diff_storage_minimum          (2097152) sectors: growth step, low-space threshold x2";
+      "diff_storage_minimum          (2097152) sectors: growth step, low-space threshold x2\n"
+      "diff_storage_zero_fill        (0) 1: write zeros over appended storage ranges first";
   p.magic_config_key = nullptr;
   p.get_ready = nbdsnap_get_ready;
   p.after_fork = nbdsnap_after_fork;

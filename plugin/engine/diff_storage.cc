@@ -109,6 +109,7 @@ class FaultyDiffStorage final : public DiffStorage {
   FaultyDiffStorage(std::unique_ptr<DiffStorage> inner, FaultPlan plan)
       : inner_(std::move(inner)), plan_(plan) {}
   Status append(const StorageRange& r) override { return inner_->append(r); }
+  Status zero_fill(const StorageRange& r) override { return inner_->zero_fill(r); }
   Result<SlotAddress> allocate(uint64_t length) override {
     if (plan_.fail_allocate && should_fail())
       return Status::error(plan_.error, "allocate slot: injected fault");

@@ -46,6 +46,13 @@ class DiffStorage {
   // Adds a range. FileDiffStorage opens range.path; MemoryDiffStorage ignores
   // it and allocates range.length bytes.
   virtual Status append(const StorageRange& range) = 0;
+  // Writes zeros over a range about to be appended (diff_storage_zero_fill),
+  // never over one re-appended at restart (it holds slots). FileDiffStorage:
+  // regular files only, block devices are left as they are; others: no-op.
+  virtual Status zero_fill(const StorageRange& range) {
+    (void)range;
+    return Status::ok();
+  }
   // A slot of `length` bytes (at most one chunk). ENOSPC when full.
   virtual Result<SlotAddress> allocate(uint64_t length) = 0;
   virtual Status write(SlotAddress slot, const void* buf, uint64_t length) = 0;

@@ -545,6 +545,13 @@ Status Engine::append_storage(const std::string& id, const std::vector<StorageRa
     Status st = check_storage_range(r, snap);
     if (!st) return st;
   }
+  // Zeros first, while no copy can land in these ranges yet (restart
+  // re-appends ranges from the registry without this: they hold slots).
+  if (options_.params.diff_storage_zero_fill)
+    for (const auto& r : ranges) {
+      Status st = snap.storage().zero_fill(r);
+      if (!st) return st;
+    }
   for (const auto& r : ranges) {
     Status st = snap.storage().append(r);
     if (!st) {

@@ -81,6 +81,10 @@ class FileDiffStorage final : public DiffStorage {
     return Status::ok();
   }
 
+  Status zero_fill(const StorageRange& r) override {
+    return zero_fill_regular_file(r.path, r.offset, r.length).with_context("append-storage " + r.path);
+  }
+
   Result<SlotAddress> allocate(uint64_t length) override { return alloc_.allocate(length); }
 
   Status write(SlotAddress slot, const void* buf, uint64_t length) override {

@@ -6,7 +6,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 
 namespace nbdsnap {
 
@@ -54,6 +57,39 @@ Result<uint64_t> file_size(int fd) {
   }
   if (!S_ISREG(st.st_mode)) return Status::error(EINVAL, "not a regular file or block device");
   return static_cast<uint64_t>(st.st_size);
+}
+
+Status zero_fill_regular_file(const std::string& path, uint64_t offset, uint64_t length) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return Status::from_errno("zero-fill: open");
+  struct Closer {
+    int fd;
+    ~Closer() {
+      if (fd >= 0) ::close(fd);
+    }
+  } close_fd{fd};
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return Status::from_errno("zero-fill: fstat");
+  if (!S_ISREG(st.st_mode)) return Status::ok();
+  uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (offset > size || length > size - offset)
+    return Status::error(EINVAL, "zero-fill: range " + std::to_string(offset) + ":" + std::to_string(length) +
+                                     " beyond its end (size " + std::to_string(size) + ")");
+  Closer close_direct{::open(path.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC)};  // -1: buffered only
+  constexpr uint64_t kBlock = 1 << 20;
+  void* mem = nullptr;
+  if (::posix_memalign(&mem, 4096, kBlock) != 0) return Status::error(ENOMEM, "zero-fill: buffer");
+  std::unique_ptr<void, decltype(&std::free)> zeros(mem, &std::free);
+  std::memset(mem, 0, kBlock);
+  for (uint64_t done = 0; done < length;) {
+    uint64_t n = std::min(kBlock, length - done);
+    bool direct = close_direct.fd >= 0 && (offset + done) % 4096 == 0 && n % 4096 == 0;
+    Status s = pwrite_all(direct ? close_direct.fd : fd, mem, n, offset + done, "zero-fill: write");
+    if (!s) return s;
+    done += n;
+  }
+  if (::fdatasync(fd) != 0) return Status::from_errno("zero-fill: fdatasync");
+  return Status::ok();
 }
 
 bool is_zero(const void* buf, uint64_t length) {

@@ -14,6 +14,11 @@ Status pread_all(int fd, void* buf, uint64_t length, uint64_t offset, const char
 Status pwrite_all(int fd, const void* buf, uint64_t length, uint64_t offset, const char* op);
 // Size of a regular file or block device.
 Result<uint64_t> file_size(int fd);
+// Writes zeros over [offset, offset + length) of a regular file (O_DIRECT
+// where the file system has it), then fdatasync: the blocks end up allocated
+// and written. EINVAL if the range goes past the end of the file (the file
+// is never extended); anything but a regular file is left alone.
+Status zero_fill_regular_file(const std::string& path, uint64_t offset, uint64_t length);
 // True if the whole buffer is zero.
 bool is_zero(const void* buf, uint64_t length);
 // Writes `data` to `path` atomically: temp file, fsync, rename, fsync dir.

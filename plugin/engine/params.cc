@@ -32,6 +32,7 @@ Status Params::set(const std::string& key, const std::string& value) {
   if (key == "chunk_maximum_in_queue") return parse(key, value, &chunk_maximum_in_queue);
   if (key == "free_diff_buffer_pool_size") return parse(key, value, &free_diff_buffer_pool_size);
   if (key == "diff_storage_minimum") return parse(key, value, &diff_storage_minimum);
+  if (key == "diff_storage_zero_fill") return parse(key, value, &diff_storage_zero_fill);
   return Status::error(ENOENT, "config: unknown key " + key);
 }
 
@@ -49,6 +50,7 @@ Status Params::validate() const {
   if (chunk_maximum_count == 0) return bad("chunk_maximum_count must be > 0");
   if (chunk_maximum_in_queue == 0) return bad("chunk_maximum_in_queue must be > 0");
   if (diff_storage_minimum < 8) return bad("diff_storage_minimum must be >= 8 sectors");
+  if (diff_storage_zero_fill > 1) return bad("diff_storage_zero_fill must be 0 or 1");
   return Status::ok();
 }
 

@@ -26,6 +26,11 @@ struct Params {
   uint32_t free_diff_buffer_pool_size = 128;
   // Growth step and low-space threshold (x2), in 512-byte sectors.
   uint64_t diff_storage_minimum = 2097152;
+  // Not blksnap's (default off): 1 writes zeros over every range given to
+  // append-storage, before the snapshot may use it (regular files only), so
+  // that copies overwrite written blocks instead of converting preallocated
+  // ones. Costs one write of the range at append time.
+  uint32_t diff_storage_zero_fill = 0;
 
   uint64_t diff_storage_minimum_bytes() const { return diff_storage_minimum * 512; }
 

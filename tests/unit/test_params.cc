@@ -20,6 +20,7 @@ TEST(Params, DefaultsAreBlksnapsAndValid) {
   EXPECT_EQ(p.free_diff_buffer_pool_size, 128u);
   EXPECT_EQ(p.diff_storage_minimum, 2097152u);
   EXPECT_EQ(p.diff_storage_minimum_bytes(), 2097152u * 512);
+  EXPECT_EQ(p.diff_storage_zero_fill, 0u) << "not blksnap's: off unless asked for";
   EXPECT_OK(p.validate());
 }
 
@@ -28,7 +29,7 @@ TEST(Params, SetParsesEveryKnownKey) {
                         "tracking_block_maximum_shift", "chunk_minimum_shift",
                         "chunk_maximum_count",          "chunk_maximum_shift",
                         "chunk_maximum_in_queue",       "free_diff_buffer_pool_size",
-                        "diff_storage_minimum"};
+                        "diff_storage_minimum",         "diff_storage_zero_fill"};
   for (const char* k : keys) {
     EXPECT_TRUE(Params::is_key(k)) << k;
     Params p;
@@ -76,6 +77,7 @@ TEST(Params, ValidateRejectsEachOutOfRangeValueNamingTheKey) {
       {"chunk_minimum_shift", "31"},          {"chunk_maximum_shift", "17"},
       {"chunk_maximum_shift", "31"},          {"chunk_maximum_count", "0"},
       {"chunk_maximum_in_queue", "0"},        {"diff_storage_minimum", "7"},
+      {"diff_storage_zero_fill", "2"},
   };
   for (const auto& c : cases) {
     Params p;
