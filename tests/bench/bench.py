@@ -461,9 +461,11 @@ def cmd_report(args):
     for case, label in [("base", "  a) nbdkit file"), ("nosnap", "  b) plugin, no snapshot"),
                         ("first", "  c) plugin, fresh snapshot"),
                         ("first64", "  c) the same, 64 KiB chunks (chunk_minimum_shift=16)"),
+                        ("firstz", "  c) the same, storage zero-filled (diff_storage_zero_fill=1)"),
+                        ("first64z", "  c) the same, 64 KiB chunks and storage zero-filled"),
                         ("qfirst", "  q) QEMU cbw, fresh"),
                         ("diskref", f"  reference: O_DIRECT {args.chunk >> 10} KiB writes/s, no NBD")]:
-        if case in ("first64", "diskref") and m(case, "touch_iops") is None:
+        if case in ("first64", "firstz", "first64z", "diskref") and m(case, "touch_iops") is None:
             continue
         r = pr(case, "base", "touch_iops")
         p(f"{label:<52} {cell(case, 'touch_iops'):>26} {fmt_ratio(r):>6}")
@@ -499,7 +501,9 @@ def cmd_report(args):
                                         ("all copied", "snap_copied_read", "qsnap_copied_read"))
             for conns, metric in (("1 connection", "read_mibs"), ("4 connections", "read4_mibs"))]
     # Not targets: the plugin with another chunk size than its default.
-    vsq_info = [("4k one write per chunk, 64 KiB chunks", "first64", "qfirst", "touch_iops")]
+    vsq_info = [("4k one write per chunk, 64 KiB chunks", "first64", "qfirst", "touch_iops"),
+                ("4k one write per chunk, zero-filled storage", "firstz", "qfirst", "touch_iops"),
+                ("4k one write per chunk, 64 KiB, zero-fill", "first64z", "qfirst", "touch_iops")]
     p(f"{'nbdsnap vs QEMU (same round)':<44} {'nbdsnap':>10} {'QEMU':>10} {'ratio':>7}")
     vs = {}
     for label, ours, theirs, metric, info in [(*v, False) for v in vsq] + [(*v, True) for v in vsq_info]:

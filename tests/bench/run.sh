@@ -16,7 +16,9 @@
 #      one long-lived whose every cluster is copied
 #   nsnap) plugin, one volume measured with 1, 4 and 16 snapshots held (the
 #      older ones hold copies; the newest is fresh: the run's copy target)
-#   first64) plugin with 64 KiB chunks, first touch (one write per chunk only)
+#   first64, firstz, first64z) plugin with 64 KiB chunks, with difference
+#      storage zero-filled at append (diff_storage_zero_fill=1), and with
+#      both; first touch, the one-write-per-chunk workload only
 # and the measurements alternate between them, round after round (the order
 # reversed every other round); the tables show medians and paired ratios.
 # Measured: fio 4k randwrite qd32, 1M sequential writes (looping over the
@@ -107,7 +109,7 @@ chunk=$((256 << 10))
 while [ $((size_bytes / chunk)) -gt 2097152 ]; do chunk=$((chunk * 2)); done
 chunks=$(((size_bytes + chunk - 1) / chunk))
 
-if [ $quick = 1 ]; then rounds=1; runtime=2; copies=2; takes=15; else rounds=3; runtime=5; copies=4; takes=40; fi
+if [ $quick = 1 ]; then rounds=1; runtime=2; copies=2; takes=40; else rounds=3; runtime=5; copies=4; takes=200; fi
 [ -z "$rounds_opt" ] || rounds=$rounds_opt
 # Total seconds the run may spend waiting for other work to calm down.
 [ -n "$max_wait" ] || { [ $quick = 1 ] && max_wait=15 || max_wait=60; }
@@ -462,11 +464,11 @@ measure() {  # CASE KIND
     nosnap)
       settle "$work/nosnap.img"
       if [ -n "$conns" ]; then nbdcopy_read vol_read nosnap vol0 "$conns"; else fio_run nosnap nosnap vol0 "$kind"; fi ;;
-    first|first64)
+    first|first64|firstz|first64z)
       # A fresh snapshot of data already written: the run copies every chunk
-      # it touches for the first time. first64 (64 KiB chunks, QEMU's copy
-      # size) runs the one-write-per-chunk workload only.
-      [ "$c" = first ] || { [ "$kind" = touch ] && [ -n "$with64" ]; } || return 0
+      # it touches for the first time. The variants run the
+      # one-write-per-chunk workload only.
+      [ "$c" = first ] || { [ "$kind" = touch ] && [[ " ${variants[*]-} " = *" $c "* ]]; } || return 0
       take_snapshot "$c" fresh
       settle "$work/$c.img"
       case $kind in
@@ -591,12 +593,20 @@ log "$rounds round(s), fio randwrite runtime ${runtime}s, $copies nbdcopy reads 
 log "setup: random data, one copy per volume, the servers"
 run dd if=/dev/urandom of="$fill" bs=1M count=$((size_bytes >> 20)) status=none
 vols=(base nosnap first copied qnbd qfirst qcopied nsnap)
-# first64: the plugin with 64 KiB chunks (QEMU's copy granularity), for the
-# one-write-per-chunk workload only; skipped when --plugin-param sets the
-# chunk size anyway.
-with64=1
-case " ${plugin_params[*]-} " in *" chunk_minimum_shift="*) with64= ;; esac
-[ -z "$with64" ] || vols+=(first64)
+# Variants of c) for the one-write-per-chunk workload only: 64 KiB chunks
+# (QEMU's copy granularity), difference storage zero-filled when appended,
+# and both. A variant is skipped when --plugin-param sets one of its keys.
+declare -A variant_params=([first64]="chunk_minimum_shift=16" [firstz]="diff_storage_zero_fill=1"
+                           [first64z]="chunk_minimum_shift=16 diff_storage_zero_fill=1")
+variants=()
+for v in first64 firstz first64z; do
+  skip=
+  for kv in ${variant_params[$v]}; do
+    case " ${plugin_params[*]-} " in *" ${kv%%=*}="*) skip=1 ;; esac
+  done
+  [ -n "$skip" ] || variants+=("$v")
+done
+vols+=(${variants[@]+"${variants[@]}"})
 for v in "${vols[@]}"; do run cp --sparse=never "$fill" "$work/$v.img"; done
 rm -f "$fill"
 sync
@@ -615,13 +625,16 @@ run fallocate -l "$size_bytes" "$work/qcopied-target.img"
 start_qsd qcopied "$work/qcopied.img" "$work/qcopied-target.img"
 run fio --name=fill "${fio_common[@]}" --uri="$(uri qcopied vol0)" "${fio_seq[@]}" >/dev/null 2>&1
 start_plugin nsnap "$work/nsnap.img"
-[ -z "$with64" ] || start_plugin first64 "$work/first64.img" chunk_minimum_shift=16
+for v in ${variants[@]+"${variants[@]}"}; do
+  # shellcheck disable=SC2086  # the variant's KEY=VALUE words
+  start_plugin "$v" "$work/$v.img" ${variant_params[$v]}
+done
 
-cases=(base nosnap first first64 copied qnbd qfirst qcopied nsnap newfile diskref)
+cases=(base nosnap first ${variants[@]+"${variants[@]}"} copied qnbd qfirst qcopied nsnap newfile diskref)
 for round in $(seq "$rounds"); do
   log "round $round of $rounds"
   order=("${cases[@]}")
-  if [ $((round % 2)) = 0 ]; then order=(diskref newfile nsnap qcopied qfirst qnbd copied first64 first nosnap base); fi
+  if [ $((round % 2)) = 0 ]; then order=(); for c in "${cases[@]}"; do order=("$c" ${order[@]+"${order[@]}"}); done; fi
   for kind in rand seq rread touch read1 read4; do
     for c in "${order[@]}"; do measure "$c" "$kind"; done
   done
@@ -682,7 +695,7 @@ $py "$here/bench.py" takepause --uri "$(uri nosnap vol0)" --socket "$work/nosnap
 log "  $($py -c "import json; d = json.load(open('$work/takepause.json')); print('seen p50 %.2f ms, p99 %.2f ms; plugin pause p50 %.2f ms, p99 %.2f ms' % (d['seen_p50_ms'], d['seen_p99_ms'], d['plugin_p50_ms'], d['plugin_p99_ms']))")"
 
 log "  nsnap: ${#nheld[@]} snapshots held at the end"
-for s in base nosnap first copied qnbd qcopied nsnap ${with64:+first64}; do stop_nbdkit "$s"; done
+for s in base nosnap first copied qnbd qcopied nsnap ${variants[@]+"${variants[@]}"}; do stop_nbdkit "$s"; done
 
 # ------------------------------------------------------------------- CBT
 # nbdsnapd (which runs nbdkit + the plugin) on a sparse 1 TiB volume; 1% of
