@@ -42,20 +42,25 @@ class StartLine {
 
 // ------------------------------------------------- DESIGN 4.3: read vs copy
 
+// A 2 MiB volume of 4 KiB chunks: many chunks, so races on many of them.
+constexpr uint64_t kRaceSize = 2 * kMiB, kSmallChunk = 4 * kKiB, kChunks = kRaceSize / kSmallChunk;
+Harness::Options small_chunks() {
+  Harness::Options o;
+  o.volumes = {{"vol", kRaceSize}};
+  test::must(o.params.set("chunk_minimum_shift", "12"), "chunk_minimum_shift");
+  return o;
+}
+
 TEST(Concurrency, SnapshotReadersNeverSeeDataWrittenAfterTheTake) {
   uint64_t seed = test::test_seed("SnapshotReadersNeverSeeDataWrittenAfterTheTake");
   // 4 KiB chunks: 512 first writes racing with readers per iteration.
-  constexpr uint64_t kSize = 2 * kMiB, kSmallChunk = 4 * kKiB, kChunks = kSize / kSmallChunk;
-  Harness::Options o;
-  o.volumes = {{"vol", kSize}};
-  ASSERT_OK(o.params.set("chunk_minimum_shift", "12"));
-  Harness h(o);
+  Harness h(small_chunks());
   std::atomic<uint64_t> bad{0}, checked{0};
   for (int iter = 0; iter < 60 && bad == 0; ++iter) {
     const char old_byte = static_cast<char>(2 * (iter % 100) + 1), new_byte = static_cast<char>(old_byte + 1);
-    ASSERT_OK(h.write(0, std::vector<char>(kSize, old_byte)));
+    ASSERT_OK(h.write(0, std::vector<char>(kRaceSize, old_byte)));
     std::string name = "race" + std::to_string(iter);
-    h.snapshot(name, kSize);
+    h.snapshot(name, kRaceSize);
     auto ref = test::must(h.engine().open_export("vol@" + name));
     std::atomic<bool> writers_done{false};
     StartLine line(4);
@@ -67,7 +72,7 @@ TEST(Concurrency, SnapshotReadersNeverSeeDataWrittenAfterTheTake) {
       for (uint64_t k = 0; k < kChunks; ++k) {
         uint64_t c = w == 0 ? k : kChunks - 1 - k;
         uint64_t off = c * kSmallChunk + rng() % kSmallChunk;
-        uint64_t len = std::min<uint64_t>(1 + rng() % kSmallChunk, kSize - off);
+        uint64_t len = std::min<uint64_t>(1 + rng() % kSmallChunk, kRaceSize - off);
         std::vector<char> data(len, new_byte);
         if (!h.vol()->write(data.data(), len, off, false)) bad += 1000;
       }
@@ -77,8 +82,8 @@ TEST(Concurrency, SnapshotReadersNeverSeeDataWrittenAfterTheTake) {
       std::vector<char> buf(4 * kSmallChunk);
       line.arrive();
       do {
-        uint64_t off = rng() % kSize;
-        uint64_t len = std::min<uint64_t>(1 + rng() % buf.size(), kSize - off);
+        uint64_t off = rng() % kRaceSize;
+        uint64_t len = std::min<uint64_t>(1 + rng() % buf.size(), kRaceSize - off);
         if (!ref.volume->read_snapshot(*ref.part, buf.data(), len, off)) {
           bad += 1000;
           return;
@@ -97,7 +102,7 @@ TEST(Concurrency, SnapshotReadersNeverSeeDataWrittenAfterTheTake) {
     writers_done = true;
     r0.join();
     r1.join();
-    EXPECT_EQ(h.snap_read(name, 0, kSize), std::vector<char>(kSize, old_byte)) << "iteration " << iter;
+    EXPECT_EQ(h.snap_read(name, 0, kRaceSize), std::vector<char>(kRaceSize, old_byte)) << "iteration " << iter;
     ASSERT_OK(h.engine().destroy(name));
   }
   EXPECT_EQ(bad.load(), 0u) << "a snapshot read returned data written after the take";
@@ -109,16 +114,12 @@ TEST(Concurrency, SnapshotReadersNeverSeeDataWrittenAfterTheTake) {
 // must never show up as holes of the snapshot, whatever the interleaving.
 TEST(Concurrency, SnapshotExtentsNeverShowHolesPunchedAfterTheTake) {
   uint64_t seed = test::test_seed("SnapshotExtentsNeverShowHolesPunchedAfterTheTake");
-  constexpr uint64_t kSize = 2 * kMiB, kSmallChunk = 4 * kKiB, kChunks = kSize / kSmallChunk;
-  Harness::Options o;
-  o.volumes = {{"vol", kSize}};
-  ASSERT_OK(o.params.set("chunk_minimum_shift", "12"));
-  Harness h(o);
+  Harness h(small_chunks());
   std::atomic<uint64_t> bad{0}, checked{0};
   for (int iter = 0; iter < 30 && bad == 0; ++iter) {
-    ASSERT_OK(h.write(0, std::vector<char>(kSize, static_cast<char>(1 + iter % 200))));
+    ASSERT_OK(h.write(0, std::vector<char>(kRaceSize, static_cast<char>(1 + iter % 200))));
     std::string name = "holes" + std::to_string(iter);
-    h.snapshot(name, kSize);
+    h.snapshot(name, kRaceSize);
     auto ref = test::must(h.engine().open_export("vol@" + name));
     std::atomic<bool> trimmers_done{false};
     StartLine line(4);
@@ -134,7 +135,7 @@ TEST(Concurrency, SnapshotExtentsNeverShowHolesPunchedAfterTheTake) {
       line.arrive();
       do {
         uint64_t off = (rng() % kChunks) * kSmallChunk;
-        uint64_t len = std::min<uint64_t>((1 + rng() % 64) * kSmallChunk, kSize - off);
+        uint64_t len = std::min<uint64_t>((1 + rng() % 64) * kSmallChunk, kRaceSize - off);
         std::vector<Extent> ext;
         if (!ref.volume->snapshot_extents(*ref.part, len, off, &ext)) {
           bad += 1000;
@@ -156,7 +157,7 @@ TEST(Concurrency, SnapshotExtentsNeverShowHolesPunchedAfterTheTake) {
     r0.join();
     r1.join();
     std::vector<Extent> after;
-    ASSERT_OK(h.vol()->extents(kSize, 0, &after));
+    ASSERT_OK(h.vol()->extents(kRaceSize, 0, &after));
     ASSERT_EQ(after.size(), 1u);
     EXPECT_TRUE(after[0].hole) << "the trims really punched the origin (iteration " << iter << ")";
     ASSERT_OK(h.engine().destroy(name));
