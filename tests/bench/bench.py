@@ -461,8 +461,8 @@ def cmd_report(args):
     for case, label in [("base", "  a) nbdkit file"), ("nosnap", "  b) plugin, no snapshot"),
                         ("first", "  c) plugin, fresh snapshot"),
                         ("first64", "  c) the same, 64 KiB chunks (chunk_minimum_shift=16)"),
-                        ("firstz", "  c) the same, storage zero-filled (diff_storage_zero_fill=1)"),
-                        ("first64z", "  c) the same, 64 KiB chunks and storage zero-filled"),
+                        ("firstz", "  c) the same, diff_storage_zero_fill=1"),
+                        ("first64z", "  c) the same, 64 KiB chunks and zero-fill"),
                         ("qfirst", "  q) QEMU cbw, fresh"),
                         ("diskref", f"  reference: O_DIRECT {args.chunk >> 10} KiB writes/s, no NBD")]:
         if case in ("first64", "firstz", "first64z", "diskref") and m(case, "touch_iops") is None:
