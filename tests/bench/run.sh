@@ -37,7 +37,7 @@
 # with a copy of the JSON next to it, this machine's paths replaced.
 # Exits 0 even if a target is missed; non-zero only if the harness itself
 # fails. --quick: one short round, 2 s runs (a smoke run, about 5 minutes);
-# full: 3 rounds, 5 s runs (about 16 minutes); --rounds N overrides.
+# full: 3 rounds, 5 s runs (about 17 minutes); --rounds N overrides.
 # --build (or $NBDSNAP_BENCH_BUILD) picks the build directory (default build).
 # Before each measurement the harness waits (20 s at most, --max-wait in all,
 # default 60 s, 15 s with --quick) for other processes to leave the machine
@@ -369,7 +369,7 @@ fio_rand=(--rw=randwrite --bs=4k --iodepth=32 --time_based --runtime="$runtime" 
 # chunk must be copied once); the timed runs loop over it for RUNTIME seconds
 # (a single 1 GiB pass takes under half a second here: one hiccup decided it).
 fio_seq=(--rw=write --bs=1M --iodepth=8 --size="$size_bytes")
-fio_seqloop=(--rw=write --bs=1M --iodepth=8 --time_based --runtime="$runtime" --size="$size_bytes")
+fio_seqloop=("${fio_seq[@]}" --time_based --runtime="$runtime")
 fio_randread=(--rw=randread --bs=4k --iodepth=32 --time_based --runtime="$runtime" --size="$size_bytes")
 # One 4k write at the start of every chunk, ascending: each is a first touch.
 fio_touch=(--rw=write:$((chunk - 4096)) --bs=4k --iodepth=32 --size="$size_bytes" --number_ios="$chunks")
