@@ -282,8 +282,8 @@ struct nbdkit_plugin make_plugin() {
       "chunk_minimum_shift           (18) smallest chunk, 2^N bytes\n"
       "chunk_maximum_count           (2097152) chunk grows until the count fits\n"
       "chunk_maximum_shift           (26) largest chunk, 2^N bytes\n"
-      "chunk_maximum_in_queue        (16) chunk copies in flight before writers wait\n"
-      "free_diff_buffer_pool_size    (128) chunk buffers kept for reuse\n"
+      "chunk_maximum_in_queue        (16) copies on their way to storage before writers wait\n"
+      "free_diff_buffer_pool_size    (128) accepted (blksnap's), no effect\n"
       "diff_storage_minimum          (2097152) sectors: growth step, low-space threshold x2\n"
       "diff_storage_zero_fill        (0) 1: write zeros over appended storage ranges first";
   p.magic_config_key = nullptr;

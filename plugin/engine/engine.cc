@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -82,6 +83,10 @@ std::string Engine::cbt_path(const std::string& volume) const {
   return options_.state_dir.empty() ? "" : options_.state_dir + "/cbt/" + volume + ".map";
 }
 
+std::string Engine::staging_path(const std::string& volume) const {
+  return staging_prefix_.empty() ? "" : staging_prefix_ + volume + ".chunks";
+}
+
 std::string Engine::snapshot_dir(const Uuid& id) const {
   return options_.state_dir.empty() ? "" : options_.state_dir + "/snapshots/" + id.str();
 }
@@ -98,6 +103,24 @@ Status Engine::start() {
     fs::create_directories(dir + "/cbt", ec);
     if (!ec) fs::create_directories(dir + "/snapshots", ec);
     if (ec) return Status::error(ec.value(), "state " + dir + ": " + ec.message());
+    // Staging files on tmpfs: the copies in them are rewritten all the time
+    // and needed only after a crash of the process, never after a reboot (an
+    // unclean one distrusts every snapshot, a clean stop stores them all).
+    // In a file of the state directory, each mapped page written after the
+    // kernel wrote it back faulted through the file system again: first-touch
+    // 1M writes measured 0.89x of tmpfs staging.
+    struct stat st_dir, st_shm;
+    if (::stat(dir.c_str(), &st_dir) == 0 && ::stat("/dev/shm", &st_shm) == 0 && S_ISDIR(st_shm.st_mode) &&
+        ::access("/dev/shm", W_OK | X_OK) == 0) {
+      char name[80];
+      std::snprintf(name, sizeof name, "/dev/shm/nbdsnap-%llx-%llx-", static_cast<unsigned long long>(st_dir.st_dev),
+                    static_cast<unsigned long long>(st_dir.st_ino));
+      staging_prefix_ = name;
+    } else {
+      fs::create_directories(dir + "/staging", ec);
+      if (ec) return Status::error(ec.value(), "state " + dir + ": staging: " + ec.message());
+      staging_prefix_ = dir + "/staging/";
+    }
     lock_fd_ = ::open((dir + "/lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
     if (lock_fd_ < 0) return Status::from_errno("state " + dir + ": open lock");
     if (::flock(lock_fd_, LOCK_EX | LOCK_NB) != 0)
@@ -118,7 +141,7 @@ Status Engine::start() {
     if (std::find(seen.begin(), seen.end(), name) != seen.end())
       return Status::error(EINVAL, "config: volume " + name + " given twice");
     seen.push_back(name);
-    auto v = Volume::open(name, path, options_.params, cbt_path(name), &sequence_);
+    auto v = Volume::open(name, path, options_.params, cbt_path(name), staging_path(name), &sequence_);
     if (!v) return v.status();
     if (!dir.empty() && !(*v)->cbt_reset_reason().empty())
       note("volume " + name + ": new CBT generation " + (*v)->cbt().generation().str() + ": " +
@@ -159,6 +182,7 @@ Status Engine::stop() {
   auto keep = [&](Status s) {
     if (first && !s) first = s;
   };
+  for (auto& v : volumes()) v->drain_stores();  // before storage and logs are synced
   for (auto& [id, e] : snapshots_) {
     keep(e.snapshot->storage().flush());
     for (auto& [vol, part] : e.parts) keep(part->log.sync());
@@ -167,6 +191,8 @@ Status Engine::stop() {
   for (auto& v : volumes()) {
     keep(v->flush());
     keep(v->cbt().close());
+    // Every copy is stored: the staging file holds nothing needed any more.
+    if (!staging_prefix_.empty()) ::unlink(staging_path(v->name()).c_str());
   }
   if (!options_.state_dir.empty()) {
     keep(save_registry(true));
@@ -280,15 +306,21 @@ Status Engine::load_registry() {
         }
         auto part = std::make_shared<SnapshotPart>(snap, vname);
         part->hidden = r.destroyed();
+        auto count_slot = [&](uint32_t slot, uint32_t length) {
+          end_unit = std::max<uint64_t>(end_unit, slot + (length + kStorageUnit - 1) / kStorageUnit);
+          used += length;
+        };
+        std::map<uint32_t, LogRecord> staged;  // chunk -> its open kStaged record
         Status st = part->log.replay(snapshot_dir(*id) + "/" + vname + ".log", [&](const LogRecord& rec) {
           switch (rec.type) {
             case LogType::kChunk:
               part->chunks.insert(rec.key, rec.value);
+              staged.erase(rec.key);
               ++copied;
-              if (rec.value != kZeroSlot) {
-                end_unit = std::max<uint64_t>(end_unit, rec.value + (rec.length + kStorageUnit - 1) / kStorageUnit);
-                used += rec.length;
-              }
+              if (rec.value != kZeroSlot) count_slot(rec.value, rec.length);
+              break;
+            case LogType::kStaged:
+              staged[rec.key] = rec;
               break;
             case LogType::kCbtStamp:
               part->saved_stamps.insert(rec.key, rec.value);
@@ -299,6 +331,21 @@ Status Engine::load_registry() {
               break;
           }
         });
+        // Copies staged but not stored when the process stopped: their
+        // origin writes may have happened, so store them now from the
+        // staging file (a corrupted snapshot needs none).
+        if (st && snap->healthy())
+          for (const auto& [chunk, rec] : staged) {
+            count_slot(rec.value, rec.length);
+            Status rs = v->restore_staged(*part, ChunkIndex(chunk), rec.value, rec.entry, rec.length);
+            if (!rs) {
+              st = rs.with_context("volume " + vname);
+              break;
+            }
+            ++copied;
+            note(ctx + ": volume " + vname + ": stored the copy of chunk " + std::to_string(chunk) +
+                 " staged before the crash");
+          }
         if (!st && problem) problem = st;
         entry.parts[vname] = part;
         chains[vname].push_back(part);
@@ -393,7 +440,7 @@ Status Engine::add_volume(const std::string& name, const std::string& path) {
     }
   // A new volume has no history: start its CBT map afresh.
   if (!options_.state_dir.empty()) ::unlink(cbt_path(name).c_str());
-  auto v = Volume::open(name, path, options_.params, cbt_path(name), &sequence_);
+  auto v = Volume::open(name, path, options_.params, cbt_path(name), staging_path(name), &sequence_);
   if (!v) return v.status().with_context("volume add");
   std::unique_lock wl(volumes_mu_);
   volumes_.push_back(std::shared_ptr<Volume>(std::move(*v)));
@@ -417,7 +464,10 @@ Status Engine::remove_volume(const std::string& name) {
   }
   v->retire();
   Status st = v->flush();
-  if (!options_.state_dir.empty()) ::unlink(cbt_path(name).c_str());
+  if (!options_.state_dir.empty()) {
+    ::unlink(cbt_path(name).c_str());
+    ::unlink(staging_path(name).c_str());
+  }
   return st.with_context("volume remove " + name);
 }
 
@@ -434,6 +484,10 @@ Result<std::shared_ptr<Snapshot>> Engine::find(const std::string& id, const char
 }
 
 SnapshotInfo Engine::describe(const Entry& e) const {
+  // Copies of the writes acknowledged so far count, stored or not yet: wait
+  // for the few still on their way (at most chunk_maximum_in_queue).
+  for (const auto& [vname, part] : e.parts)
+    if (auto v = volume(vname)) v->drain_stores();
   const Snapshot& s = *e.snapshot;
   SnapshotInfo i;
   i.id = s.id();
@@ -688,6 +742,9 @@ Status Engine::destroy(const std::string& id) {
     for (auto& [vname, part] : parts) {
       auto v = volume(vname);
       v->gate().close();
+      // No copy may land in this snapshot's storage once destroy returns
+      // (its ranges may be reused): wait for the staged ones.
+      v->drain_stores();
       Chain dropped = v->hide_part(part.get());
       v->gate().open();
       forget_dropped(dropped);

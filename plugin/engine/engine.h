@@ -93,6 +93,12 @@ class Engine {
   Status start();
   // Makes everything durable and marks the state clean.
   Status stop();
+  // The staging file of a volume ("" without a state directory): in
+  // /dev/shm (tmpfs: kept across a crash of the process, never written to
+  // disk) as nbdsnap-DEV-INO-VOLUME.chunks, DEV and INO those of the state
+  // directory; where /dev/shm is not usable, STATE/staging/VOLUME.chunks.
+  // Set by start().
+  std::string staging_path(const std::string& volume) const;
 
   // --- exports ---
   Result<ExportRef> open_export(const std::string& name) const;
@@ -153,6 +159,7 @@ class Engine {
   std::unique_ptr<DiffStorage> new_storage() const;
 
   EngineOptions options_;
+  std::string staging_prefix_;  // staging_path() without VOLUME.chunks
   std::atomic<uint32_t> sequence_{1};
   mutable std::mutex mu_;  // serializes control operations
   mutable std::shared_mutex volumes_mu_;  // guards volumes_ (add/remove at run time)

@@ -20,9 +20,10 @@ struct Params {
   uint32_t chunk_minimum_shift = 18;
   uint64_t chunk_maximum_count = 2097152;
   uint32_t chunk_maximum_shift = 26;
-  // Chunk copies in flight at once; further first writes wait.
+  // Copies on their way to difference storage at once per volume (staging
+  // entries); further first writes wait.
   uint32_t chunk_maximum_in_queue = 16;
-  // Chunk buffers kept for reuse after a copy.
+  // Accepted (blksnap's) and unused: the staging area is the buffer pool.
   uint32_t free_diff_buffer_pool_size = 128;
   // Growth step and low-space threshold (x2), in 512-byte sectors.
   uint64_t diff_storage_minimum = 2097152;

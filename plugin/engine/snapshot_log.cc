@@ -16,7 +16,7 @@ constexpr char kMagic[8] = {'N', 'B', 'D', 'S', 'L', 'O', 'G', '1'};
 constexpr uint64_t kHeaderBytes = 64;
 
 struct Wire {
-  uint32_t type, key, value, length, reserved, crc;
+  uint32_t type, key, value, length, entry, crc;
 };
 static_assert(sizeof(Wire) == 24);
 
@@ -65,9 +65,9 @@ Status SnapshotLog::replay(const std::string& path, const std::function<void(con
     for (uint64_t j = 0; j < n; ++j) {
       const Wire& w = buf[j];
       if (w.type == 0 && w.crc == 0) continue;  // reserved, never written
-      if (crc32c(&w, offsetof(Wire, crc)) != w.crc || w.type < 1 || w.type > 3)
+      if (crc32c(&w, offsetof(Wire, crc)) != w.crc || w.type < 1 || w.type > 4)
         return Status::error(EBADMSG, "snapshot log " + path + ": damaged record " + std::to_string(i + j));
-      fn(LogRecord{static_cast<LogType>(w.type), w.key, w.value, w.length});
+      fn(LogRecord{static_cast<LogType>(w.type), w.key, w.value, w.length, w.entry});
     }
   }
   end_ = kHeaderBytes + records * sizeof(Wire);
@@ -76,7 +76,7 @@ Status SnapshotLog::replay(const std::string& path, const std::function<void(con
 
 Status SnapshotLog::append(const LogRecord& r) {
   if (fd_ < 0) return Status::ok();
-  Wire w{static_cast<uint32_t>(r.type), r.key, r.value, r.length, 0, 0};
+  Wire w{static_cast<uint32_t>(r.type), r.key, r.value, r.length, r.entry, 0};
   w.crc = crc32c(&w, offsetof(Wire, crc));
   uint64_t at = end_.fetch_add(sizeof w);
   return pwrite_all(fd_, &w, sizeof w, at, "append snapshot log");

@@ -18,13 +18,17 @@
 
 namespace nbdsnap {
 
-enum class LogType : uint32_t { kChunk = 1, kCbtStamp = 2, kCorrupted = 3 };
+// kStaged: the chunk's old data is in staging entry `entry`, on its way to
+// slot `value`; closed by a kChunk (stored) or kCorrupted record. One left
+// open at restart is stored from the staging file then.
+enum class LogType : uint32_t { kChunk = 1, kCbtStamp = 2, kCorrupted = 3, kStaged = 4 };
 
 struct LogRecord {
   LogType type;
   uint32_t key;     // chunk index / CBT block index / 0
   uint32_t value;   // slot address / old stamp / errno
-  uint32_t length;  // kChunk: bytes stored in the slot
+  uint32_t length;  // kChunk, kStaged: bytes stored in the slot
+  uint32_t entry = 0;  // kStaged: staging entry
 };
 
 class SnapshotLog {

@@ -8,6 +8,15 @@
 // The chain changes only with the write gate closed (take, destroy), so
 // writers read it without a lock; snapshot readers take a reference to it.
 //
+// Copies are stored asynchronously (DESIGN 4.1, blksnap's store queue): a
+// first write reads the old chunk into a staging entry, logs it as staged and
+// goes on; a storer thread writes the slot, logs it as stored and only then
+// puts it in the table and releases the chunk, which the copy holds exclusively
+// until then (so snapshot reads of it wait for the slot). A write waits for a
+// free staging entry before it enters the gate, never inside it: a take does
+// not wait for the disk. A copy whose target fails goes to the next older
+// snapshot instead, from the same staged bytes.
+//
 // Locking order: write gate (shared) -> one chunk lock at a time. Snapshot
 // readers take only chunk locks. All I/O methods are safe for concurrent use;
 // chain methods are for the engine, which serializes them.
@@ -16,17 +25,16 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
-#include <semaphore>
 #include <string>
 #include <vector>
 
-#include "buffer_pool.h"
 #include "cbt_map.h"
 #include "chunk_locks.h"
 #include "geometry.h"
 #include "origin_writer.h"
 #include "params.h"
 #include "snapshot.h"
+#include "store_queue.h"
 #include "status.h"
 #include "write_gate.h"
 
@@ -46,9 +54,12 @@ struct ByteRange {
 class Volume {
  public:
   // Opens PATH (file or block device) read-write. cbt_path "" keeps the CBT
-  // map in memory only. `sequence` is the engine's current sequence number.
+  // map in memory only; staging_path "" stages copies in memory only (no
+  // recovery of staged copies after a crash). `sequence` is the engine's
+  // current sequence number.
   static Result<std::unique_ptr<Volume>> open(const std::string& name, const std::string& path,
                                               const Params& params, const std::string& cbt_path,
+                                              const std::string& staging_path,
                                               const std::atomic<uint32_t>* sequence);
   ~Volume();
 
@@ -71,6 +82,7 @@ class Volume {
   Status write(const void* buf, uint64_t length, uint64_t offset, bool fua);
   Status trim(uint64_t length, uint64_t offset, bool fua);
   Status zero(uint64_t length, uint64_t offset, bool may_trim, bool fua);
+  // Waits for the copies staged so far to be stored, then syncs the origin.
   Status flush();
   Status extents(uint64_t length, uint64_t offset, std::vector<Extent>* out);
 
@@ -86,6 +98,15 @@ class Volume {
   Result<std::vector<uint32_t>> cbt_stamps(const SnapshotPart* part, uint64_t first, uint64_t count);
   // Merged byte ranges whose stamp is > since, live or frozen at the part.
   Result<std::vector<ByteRange>> cbt_changes(const SnapshotPart* part, uint64_t since);
+
+  // --- copies on their way to difference storage ---
+  // Returns once every copy staged before the call is stored (or failed).
+  void drain_stores() { store_->drain(); }
+  // Restart: stores a copy that was staged (logged kStaged) but not stored
+  // before a crash, from the staging file, and records it in the part.
+  Status restore_staged(SnapshotPart& part, ChunkIndex c, SlotAddress slot, uint32_t entry, uint32_t length);
+  // Tests: while held, staged copies are not stored.
+  void hold_stores_for_test(bool held) { store_->hold_for_test(held); }
 
   // --- chain (engine only) ---
   WriteGate& gate() { return gate_; }
@@ -104,7 +125,12 @@ class Volume {
   template <typename Apply>
   Status modify(uint64_t offset, uint64_t length, const char* op, Apply&& apply);
   void stamp(uint64_t offset, uint64_t length, uint32_t seq, const Chain* chain, Status* log_error);
-  Status preserve(ChunkIndex c, const Chain& chain);
+  struct Staged;
+  size_t copies_needed(uint64_t offset, uint64_t length, const Chain& chain) const;
+  static size_t copy_target(const Chain& chain);  // 1 + index of the target, 0: none
+  Status preserve(ChunkIndex c, const std::shared_ptr<const Chain>& chain, std::vector<uint32_t>* entries);
+  void store(Staged& job);
+  Status store_into(SnapshotPart& part, ChunkIndex c, SlotAddress slot, const char* data, uint32_t len);
   struct Hit {
     const SnapshotPart* part = nullptr;
     SlotAddress slot = 0;
@@ -135,12 +161,12 @@ class Volume {
   CbtMap cbt_;
   WriteGate gate_;
   ChunkLocks locks_;
-  BufferPool pool_;
-  std::counting_semaphore<1 << 20> copies_in_flight_;
   // Replaced only with the gate closed and chain_mu_ held; writers read it
   // under the gate, readers copy it under chain_mu_.
   std::shared_ptr<const Chain> chain_;
   mutable std::mutex chain_mu_;
+  // Last: its storer threads run jobs that use the members above.
+  std::unique_ptr<StoreQueue> store_;
 };
 
 }  // namespace nbdsnap

@@ -421,6 +421,84 @@ TEST(EnginePersistence, EverythingSurvivesKillMinus9OfTheProcess) {
   EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), d0);
 }
 
+// kill -9 with copies staged but not stored (stores held): their origin
+// writes are done, so the old data exists only in the staging file. Returns
+// the child's wait status.
+int crash_with_staged_copies(Harness& h, const std::string& storage, const std::vector<char>& d0,
+                             const std::vector<char>& d1, uint64_t at) {
+  h.drop_engine();
+  EngineOptions eo = h.engine_options();
+  eo.log = nullptr;
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    Engine e(eo);
+    if (!e.start()) ::_exit(10);
+    auto v = e.volume("vol");
+    if (!v->write(d0.data(), d0.size(), 0, false)) ::_exit(11);
+    if (!e.create_snapshot({"vol"}, "s1", 0)) ::_exit(12);
+    if (!e.append_storage("s1", {StorageRange{storage, 0, 8 * kMiB}})) ::_exit(13);
+    if (!e.take("s1")) ::_exit(14);
+    if (!v->write(d0.data(), kChunk, 20 * kChunk, false)) ::_exit(15);  // one copy stored
+    v->drain_stores();
+    v->hold_stores_for_test(true);
+    if (!v->write(d1.data(), d1.size(), at, false)) ::_exit(16);  // staged only
+    ::kill(::getpid(), SIGKILL);
+    ::_exit(17);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return status;
+}
+
+TEST(EnginePersistence, CopiesStagedAtACrashAreStoredAtRestart) {
+  Harness h(persistent());
+  std::string storage = test::make_file(h.dir().file("storage"), 8 * kMiB);
+  auto d0 = pattern(kVolumeSize, 1);
+  auto d1 = pattern(5 * kChunk - 100, 2);  // chunks 3-7
+  std::string staging = h.engine().staging_path("vol");
+  int status = crash_with_staged_copies(h, storage, d0, d1, 3 * kChunk + 50);
+  ASSERT_TRUE(WIFSIGNALED(status)) << "child exited with " << WEXITSTATUS(status);
+  h.log().clear();
+  h.restart_engine();
+  EXPECT_TRUE(log_mentions(h.log(), "staged before the crash"));
+  auto info = test::must(h.engine().info("s1"));
+  EXPECT_EQ(info.state, SnapshotState::kTaken);
+  EXPECT_EQ(info.chunks_copied, 6u);
+  auto now = d0;
+  std::copy(d1.begin(), d1.end(), now.begin() + 3 * kChunk + 50);
+  std::copy(d0.begin(), d0.begin() + kChunk, now.begin() + 20 * kChunk);
+  EXPECT_EQ(h.read(0, kVolumeSize), now) << "no acknowledged origin write is lost";
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), d0) << "the staged copies were stored";
+  // Later copies do not reuse the restored slots; a clean restart keeps all.
+  ASSERT_OK(h.write(30 * kChunk, pattern(3 * kChunk, 3)));
+  h.restart_engine();
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), d0);
+  EXPECT_EQ(test::must(h.engine().info("s1")).chunks_copied, 9u);
+  h.drop_engine();
+  EXPECT_FALSE(fs::exists(staging)) << "a clean stop removes the staging file";
+}
+
+TEST(EnginePersistence, LostStagingFileCorruptsTheSnapshotAtRestart) {
+  Harness h(persistent());
+  std::string storage = test::make_file(h.dir().file("storage"), 8 * kMiB);
+  auto d0 = pattern(kVolumeSize, 1);
+  auto d1 = pattern(kChunk, 2);
+  std::string staging = h.engine().staging_path("vol");
+  ASSERT_FALSE(staging.empty());
+  int status = crash_with_staged_copies(h, storage, d0, d1, 9 * kChunk);
+  ASSERT_TRUE(WIFSIGNALED(status)) << "child exited with " << WEXITSTATUS(status);
+  ASSERT_TRUE(fs::exists(staging)) << "the crash left the staging file";
+  ASSERT_EQ(::truncate(staging.c_str(), 0), 0);
+  h.log().clear();
+  h.restart_engine();
+  auto info = test::must(h.engine().info("s1"));
+  EXPECT_EQ(info.state, SnapshotState::kCorrupted) << "never silently wrong";
+  EXPECT_CONTAINS(info.error.message(), "restore staged copy of chunk 9");
+  EXPECT_TRUE(log_mentions(h.log(), "corrupted at restart"));
+  std::vector<char> out;
+  EXPECT_ERRNO(h.read_snapshot("s1", 0, 100, &out), EIO);
+}
+
 TEST(EnginePersistence, DamagedRegistryMakesStartFailNamingTheFile) {
   Harness h(persistent());
   ASSERT_OK(h.engine().create_snapshot({"vol"}, "s1", 0));

@@ -5,6 +5,8 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <future>
 #include <map>
 #include <string>
 #include <vector>
@@ -318,6 +320,98 @@ TEST(Volume, NewestSnapshotCopiesOnlyWhatChangedSinceTheOlderOne) {
   EXPECT_EQ(h.snap_read("a", kChunk, kChunk), std::vector<char>(full.begin() + kChunk, full.begin() + 2 * kChunk))
       << "a reads chunk 1 through b's table";
   EXPECT_EQ(h.snap_read("b", 0, kChunk), pattern(kChunk, 2));
+}
+
+// ------------------------------------------------- asynchronous storing
+
+// While stores are held, copies stay staged: the writes that made them are
+// done, and the snapshot serves the old data once the copies are stored.
+TEST(VolumeStoring, WritesReturnBeforeTheirCopiesAreStored) {
+  Harness h;
+  auto before = fill(h, 1);
+  h.snapshot("s1");
+  h.vol()->hold_stores_for_test(true);
+  auto after = pattern(5 * kChunk, 2);
+  ASSERT_OK(h.write(3 * kChunk, after));  // 5 copies staged, none stored
+  EXPECT_EQ(h.read(3 * kChunk, 5 * kChunk), after);
+  h.vol()->hold_stores_for_test(false);
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), before);
+  EXPECT_EQ(test::must(h.engine().info("s1")).chunks_copied, 5u);
+}
+
+// A snapshot read of a chunk whose copy is staged waits for the slot: it
+// never reads the origin, which already holds the new data.
+TEST(VolumeStoring, ReadOfAChunkBeingStoredWaitsForItsCopy) {
+  Harness h;
+  auto before = fill(h, 1);
+  h.snapshot("s1");
+  h.vol()->hold_stores_for_test(true);
+  ASSERT_OK(h.write(7 * kChunk, pattern(kChunk, 2)));
+  auto reader = std::async(std::launch::async, [&] { return h.snap_read("s1", 7 * kChunk, kChunk); });
+  EXPECT_EQ(reader.wait_for(std::chrono::milliseconds(200)), std::future_status::timeout)
+      << "the read did not wait for the staged copy";
+  h.vol()->hold_stores_for_test(false);
+  EXPECT_EQ(reader.get(), std::vector<char>(before.begin() + 7 * kChunk, before.begin() + 8 * kChunk));
+}
+
+// With the staging area full, a write that needs a copy waits outside the
+// write gate: a take goes through while the disk (here: held stores) is
+// stuck, and that write then lands after the take.
+TEST(VolumeStoring, TakeDoesNotWaitForAFullStagingArea) {
+  Harness h;
+  auto before = fill(h, 1);
+  h.snapshot("s1");
+  const uint64_t n = test::small_params().chunk_maximum_in_queue;
+  ASSERT_LT(n + 1, 65u);
+  h.vol()->hold_stores_for_test(true);
+  auto mid = pattern(n * kChunk, 2);
+  ASSERT_OK(h.write(0, mid));  // fills every staging entry
+  auto late = pattern(kChunk, 3);
+  auto writer = std::async(std::launch::async, [&] { return h.write(n * kChunk, late); });
+  EXPECT_EQ(writer.wait_for(std::chrono::milliseconds(100)), std::future_status::timeout)
+      << "the write needing a copy should wait for a staging entry";
+  ASSERT_OK(h.engine().create_snapshot({"vol"}, "s2", 0));
+  ASSERT_OK(h.engine().append_storage("s2", {StorageRange{"", 0, 8 * kMiB}}));
+  auto take = std::async(std::launch::async, [&] { return h.engine().take("s2"); });
+  bool took = take.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+  h.vol()->hold_stores_for_test(false);  // lets everything finish either way
+  ASSERT_TRUE(took) << "take waited for the held stores";
+  ASSERT_OK(take.get());
+  ASSERT_OK(writer.get());
+  auto at_s2 = before;
+  put(at_s2, 0, mid);
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), before);
+  EXPECT_EQ(h.snap_read("s2", 0, kVolumeSize), at_s2) << "the waiting write landed after the take";
+  EXPECT_EQ(h.read(n * kChunk, kChunk), late);
+}
+
+// Destroy returns only once no staged copy is left to land in the
+// snapshot's storage (its ranges may be given to something else then).
+TEST(VolumeStoring, DestroyWaitsForStagedCopies) {
+  Harness h;
+  fill(h, 1);
+  h.snapshot("s1");
+  h.vol()->hold_stores_for_test(true);
+  ASSERT_OK(h.write(0, pattern(3 * kChunk, 2)));
+  auto destroy = std::async(std::launch::async, [&] { return h.engine().destroy("s1"); });
+  EXPECT_EQ(destroy.wait_for(std::chrono::milliseconds(200)), std::future_status::timeout)
+      << "destroy returned with copies still staged for the snapshot";
+  h.vol()->hold_stores_for_test(false);
+  ASSERT_OK(destroy.get());
+}
+
+// A request over more chunks than the staging area holds copies them all.
+TEST(VolumeStoring, RequestOverMoreChunksThanStagingEntriesCopiesEveryOne) {
+  Params p = test::small_params();
+  test::must(p.set("chunk_maximum_in_queue", "2"));
+  Harness::Options o;
+  o.params = p;
+  Harness h(o);
+  auto before = fill(h, 1);
+  h.snapshot("s1");
+  ASSERT_OK(h.write(kKiB, pattern(kVolumeSize - 2 * kKiB, 2)));
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), before);
+  EXPECT_EQ(test::must(h.engine().info("s1")).chunks_copied, 65u);
 }
 
 }  // namespace
