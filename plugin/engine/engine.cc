@@ -642,8 +642,10 @@ Result<TakeResult> Engine::take(const std::string& id) {
     parts.emplace_back(v, part);
   }
 
-  for (auto& [v, part] : parts) v->gate().close();
+  // The pause counts from the first close: new writes wait from then on,
+  // while the writes inside drain.
   auto t0 = std::chrono::steady_clock::now();
+  for (auto& [v, part] : parts) v->gate().close();
   uint32_t closed = sequence_.load();
   sequence_.store(closed + 1, std::memory_order_release);
   snap->set_taken(closed, next_take_order_++);
