@@ -281,15 +281,32 @@ size_t Volume::copy_target(const Chain& chain) {
   return t;
 }
 
-size_t Volume::copies_needed(uint64_t offset, uint64_t length, const Chain& chain) const {
+size_t Volume::copies_needed(uint64_t offset, uint64_t length, const Chain& chain) {
   size_t t = copy_target(chain);
   if (t == 0) return 0;
   size_t n = 0;
   geometry_.for_each_chunk_piece(offset, length, [&](const Piece& p) {
-    if (!resolve(chain, t - 1, ChunkIndex(static_cast<uint32_t>(p.unit))).part) ++n;
+    ChunkIndex c{static_cast<uint32_t>(p.unit)};
+    if (!resolve(chain, t - 1, c).part && !staged_for(c, chain[t - 1].get())) ++n;
     return true;
   });
   return n;
+}
+
+bool Volume::staged_for(ChunkIndex c, const SnapshotPart* part) {
+  StagedShard& sh = staged_[to_u32(c) % kStagedShards];
+  std::lock_guard lk(sh.mu);
+  auto it = sh.parts.find(to_u32(c));
+  return it != sh.parts.end() && it->second == part;
+}
+
+void Volume::set_staged(ChunkIndex c, const SnapshotPart* part) {
+  StagedShard& sh = staged_[to_u32(c) % kStagedShards];
+  std::lock_guard lk(sh.mu);
+  if (part)
+    sh.parts[to_u32(c)] = part;
+  else
+    sh.parts.erase(to_u32(c));
 }
 
 struct Volume::Staged {
@@ -307,8 +324,10 @@ Status Volume::preserve(ChunkIndex c, const std::shared_ptr<const Chain>& chain_
     size_t t = copy_target(chain);
     if (t == 0) return Status::ok();
     SnapshotPart& target = *chain[t - 1];
-    // Preserved for the target if it or a newer part holds the chunk.
-    if (resolve(chain, t - 1, c).part) return Status::ok();
+    // Preserved for the target if it or a newer part holds the chunk, or its
+    // copy for the target is staged (the old data is safe: no need to wait
+    // for the slot).
+    if (resolve(chain, t - 1, c).part || staged_for(c, &target)) return Status::ok();
     // More copies than the request reserved (a request over more chunks than
     // the staging area holds): wait here, holding no unused entry.
     if (entries->empty()) store_->reserve(1, entries);
@@ -349,6 +368,7 @@ Status Volume::preserve(ChunkIndex c, const std::shared_ptr<const Chain>& chain_
         st = target.log.append(LogRecord{LogType::kStaged, to_u32(c), *a, len, entry});
         if (st) {
           entries->pop_back();
+          set_staged(c, &target);
           auto job = std::make_shared<Staged>(Staged{chain_ref, t - 1, c, *a, entry, len});
           store_->submit([this, job] { store(*job); });
           return Status::ok();  // the job holds the chunk lock and the entry now
@@ -384,7 +404,7 @@ void Volume::store(Staged& job) {
   for (;;) {
     SnapshotPart& part = *chain[at];
     Status st = store_into(part, job.c, slot, data, job.length);
-    if (st) break;
+    if (st) break;  // in the table before it leaves the staged map: no gap
     std::string what = "store chunk " + std::to_string(to_u32(job.c));
     (void)part.snapshot->corrupt(name_, st.with_context(what));
     // Closes the staged record whatever else recorded the corruption.
@@ -407,12 +427,14 @@ void Volume::store(Staged& job) {
       if (s2) {
         slot = *a;
         next = true;
+        set_staged(job.c, &older);
       } else if (snap.corrupt(name_, s2.with_context(what))) {
         (void)older.log.append(LogRecord{LogType::kCorrupted, 0, static_cast<uint32_t>(s2.code()), 0});
       }
     }
     if (!next) break;
   }
+  set_staged(job.c, nullptr);
   locks_.unlock(job.c);
   store_->release(job.entry);
 }

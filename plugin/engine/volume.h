@@ -26,6 +26,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "cbt_map.h"
@@ -126,7 +127,11 @@ class Volume {
   Status modify(uint64_t offset, uint64_t length, const char* op, Apply&& apply);
   void stamp(uint64_t offset, uint64_t length, uint32_t seq, const Chain* chain, Status* log_error);
   struct Staged;
-  size_t copies_needed(uint64_t offset, uint64_t length, const Chain& chain) const;
+  // Copies staged and not stored yet: chunk -> the part they go to. A write
+  // to such a chunk needs no copy for that part and does not wait for it.
+  bool staged_for(ChunkIndex c, const SnapshotPart* part);
+  void set_staged(ChunkIndex c, const SnapshotPart* part);  // null: stored or dropped
+  size_t copies_needed(uint64_t offset, uint64_t length, const Chain& chain);
   static size_t copy_target(const Chain& chain);  // 1 + index of the target, 0: none
   Status preserve(ChunkIndex c, const std::shared_ptr<const Chain>& chain, std::vector<uint32_t>* entries);
   void store(Staged& job);
@@ -165,6 +170,12 @@ class Volume {
   // under the gate, readers copy it under chain_mu_.
   std::shared_ptr<const Chain> chain_;
   mutable std::mutex chain_mu_;
+  struct alignas(64) StagedShard {
+    std::mutex mu;
+    std::unordered_map<uint32_t, const SnapshotPart*> parts;
+  };
+  static constexpr size_t kStagedShards = 64;
+  std::unique_ptr<StagedShard[]> staged_{new StagedShard[kStagedShards]};
   // Last: its storer threads run jobs that use the members above.
   std::unique_ptr<StoreQueue> store_;
 };

@@ -354,6 +354,24 @@ TEST(VolumeStoring, ReadOfAChunkBeingStoredWaitsForItsCopy) {
   EXPECT_EQ(reader.get(), std::vector<char>(before.begin() + 7 * kChunk, before.begin() + 8 * kChunk));
 }
 
+// A second write to a chunk whose copy is staged needs no copy: it does not
+// wait for the slot write (inside the gate, where a take would wait for it).
+TEST(VolumeStoring, SecondWriteToAStagedChunkDoesNotWaitForTheStore) {
+  Harness h;
+  auto before = fill(h, 1);
+  h.snapshot("s1");
+  h.vol()->hold_stores_for_test(true);
+  ASSERT_OK(h.write(5 * kChunk, pattern(4 * kKiB, 2)));
+  auto second = std::async(std::launch::async, [&] { return h.write(5 * kChunk + 8 * kKiB, pattern(kChunk - 8 * kKiB, 3)); });
+  bool done = second.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+  h.vol()->hold_stores_for_test(false);
+  ASSERT_TRUE(done) << "the second write waited for the held store";
+  ASSERT_OK(second.get());
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), before);
+  EXPECT_EQ(test::must(h.engine().info("s1")).chunks_copied, 1u);
+  EXPECT_EQ(h.read(5 * kChunk + 8 * kKiB, kChunk - 8 * kKiB), pattern(kChunk - 8 * kKiB, 3));
+}
+
 // With the staging area full, a write that needs a copy waits outside the
 // write gate: a take goes through while the disk (here: held stores) is
 // stuck, and that write then lands after the take.
