@@ -537,7 +537,7 @@ def cmd_report(args):
           f"{tp['takes']} takes, {tp['writes_per_s']:,.0f} writes/s)")
         p(f"  pause as writers see it (longest write overlapping a take)  p50 {tp['seen_p50_ms']:.2f} ms  "
           f"p99 {tp['seen_p99_ms']:.2f} ms  max {tp['seen_max_ms']:.2f} ms")
-        p(f"  pause reported by the plugin (gates closed)                p50 {tp['plugin_p50_ms']:.2f} ms  "
+        p(f"  pause reported by the plugin (close to open, drain incl.)  p50 {tp['plugin_p50_ms']:.2f} ms  "
           f"p99 {tp['plugin_p99_ms']:.2f} ms")
         p(f"  for reference, writes away from takes                      p50 {tp['write_p50_ms_away']:.2f} ms  "
           f"p99 {tp['write_p99_ms_away']:.2f} ms")
