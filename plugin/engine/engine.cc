@@ -169,6 +169,11 @@ Status Engine::start() {
     std::lock_guard lk(mu_);
     st = save_registry(true);
     if (!st) return st;
+    // The restart is recorded: staging files made anew may replace old ones.
+    for (auto& v : volumes_) {
+      st = v->commit_staging();
+      if (!st) return st.with_context("volume " + v->name());
+    }
   }
   started_ = true;
   return Status::ok();
@@ -440,8 +445,11 @@ Status Engine::add_volume(const std::string& name, const std::string& path) {
     }
   // A new volume has no history: start its CBT map afresh.
   if (!options_.state_dir.empty()) ::unlink(cbt_path(name).c_str());
+  if (!options_.state_dir.empty()) ::unlink(staging_path(name).c_str());
   auto v = Volume::open(name, path, options_.params, cbt_path(name), staging_path(name), &sequence_);
   if (!v) return v.status().with_context("volume add");
+  st = (*v)->commit_staging();
+  if (!st) return st.with_context("volume add " + name);
   std::unique_lock wl(volumes_mu_);
   volumes_.push_back(std::shared_ptr<Volume>(std::move(*v)));
   return Status::ok();

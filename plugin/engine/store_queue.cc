@@ -24,13 +24,25 @@ Result<std::unique_ptr<StoreQueue>> StoreQueue::open(const std::string& path, ui
   } else {
     std::string ctx = "staging file " + path;
     q->path_ = path;
-    q->fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (q->fd_ < 0) return Status::from_errno(ctx + ": open");
-    auto size = file_size(q->fd_);
-    if (!size) return size.status().with_context(ctx);
-    q->found_bytes_ = *size;
-    if (*size < bytes && ::ftruncate(q->fd_, static_cast<off_t>(bytes)) != 0)
-      return Status::from_errno(ctx + ": extend to " + std::to_string(bytes) + " bytes");
+    q->read_fd_ = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (q->read_fd_ < 0 && errno != ENOENT) return Status::from_errno(ctx + ": open");
+    if (q->read_fd_ >= 0) {
+      auto size = file_size(q->read_fd_);
+      if (!size) return size.status().with_context(ctx);
+      q->found_bytes_ = *size;
+    }
+    if (q->read_fd_ >= 0 && q->found_bytes_ >= bytes) {
+      q->fd_ = q->read_fd_;
+    } else {
+      // Missing or short: a new file, put in its place by commit() once the
+      // restart no longer needs the old one (until then a crash leaves the
+      // old one, never a file of zeros taken for staged copies).
+      q->new_path_ = path + ".new";
+      q->fd_ = ::open(q->new_path_.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+      if (q->fd_ < 0) return Status::from_errno(ctx + ".new: create");
+      if (::ftruncate(q->fd_, static_cast<off_t>(bytes)) != 0)
+        return Status::from_errno(ctx + ".new: extend to " + std::to_string(bytes) + " bytes");
+    }
     base = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, q->fd_, 0);
     if (base == MAP_FAILED) return Status::from_errno(ctx + ": map");
   }
@@ -48,7 +60,10 @@ StoreQueue::~StoreQueue() {
   work_.notify_all();
   for (auto& t : threads_) t.join();  // no submit() can run now: threads_ is stable
   if (base_) ::munmap(base_, uint64_t{entries_} * entry_size_);
+  if (read_fd_ >= 0 && read_fd_ != fd_) ::close(read_fd_);
   if (fd_ >= 0) ::close(fd_);
+  // Never committed (a start that failed): it holds nothing anyone needs.
+  if (!new_path_.empty()) ::unlink(new_path_.c_str());
 }
 
 void StoreQueue::take(size_t n, std::vector<uint32_t>* out) {
@@ -135,8 +150,19 @@ void StoreQueue::run() {
   }
 }
 
+Status StoreQueue::commit() {
+  if (new_path_.empty()) return Status::ok();
+  if (::rename(new_path_.c_str(), path_.c_str()) != 0)
+    return Status::from_errno("staging file " + path_ + ": rename " + new_path_);
+  new_path_.clear();
+  if (read_fd_ >= 0 && read_fd_ != fd_) ::close(read_fd_);
+  read_fd_ = fd_;
+  found_bytes_ = uint64_t{entries_} * entry_size_;
+  return Status::ok();
+}
+
 Status StoreQueue::read_file_entry(uint32_t e, void* buf, uint64_t length) const {
-  if (fd_ < 0) return Status::error(ENOENT, "staging area: no file");
+  if (path_.empty()) return Status::error(ENOENT, "staging area: no file");
   if (length > entry_size_) return Status::error(EINVAL, "staging file " + path_ + ": entry too short");
   // Only what the file held when it was opened (before it was extended) can
   // be a staged copy: a missing or truncated file is an error, never zeros.
@@ -145,7 +171,7 @@ Status StoreQueue::read_file_entry(uint32_t e, void* buf, uint64_t length) const
     return Status::error(EIO, "staging file " + path_ + ": entry " + std::to_string(e) +
                                   " is beyond the end the file had at start (" + std::to_string(found_bytes_) +
                                   " bytes)");
-  Status st = pread_all(fd_, buf, length, at, "read staging file");
+  Status st = pread_all(read_fd_, buf, length, at, "read staging file");
   return st ? st : st.with_context(path_);
 }
 

@@ -56,6 +56,11 @@ class StoreQueue {
   // Returns once every job submitted before the call has run.
   void drain();
 
+  // A staging file that was missing or shorter than the area when opened
+  // is replaced by a new one under PATH.new, renamed into place here (call
+  // once the restart is durably recorded: until then a crash must find the
+  // old file, or none). No-op otherwise.
+  Status commit();
   // Restart: staged bytes of entry e as the file held them when opened. EIO
   // if the file was shorter then (missing, truncated).
   Status read_file_entry(uint32_t e, void* buf, uint64_t length) const;
@@ -69,8 +74,10 @@ class StoreQueue {
 
   const uint32_t entries_;
   const uint64_t entry_size_;
-  int fd_ = -1;
+  int fd_ = -1;       // mapped
+  int read_fd_ = -1;  // the file found at open (may be fd_), for restart reads
   std::string path_;
+  std::string new_path_;  // PATH.new until commit()
   uint64_t found_bytes_ = 0;  // size of the staging file when opened
   char* base_ = nullptr;
 

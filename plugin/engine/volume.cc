@@ -68,7 +68,9 @@ Volume::Volume(std::string name, std::string path, int fd, const Geometry& g, co
 }
 
 Volume::~Volume() {
-  store_.reset();   // stores every staged copy first
+  // Every staged copy stored first: the jobs use store_ and the members.
+  if (store_) store_->drain();
+  store_.reset();
   writer_.reset();  // before the descriptor it writes to is closed
   (void)cbt_.close();
   ::close(fd_);
@@ -109,7 +111,19 @@ Status Volume::modify(uint64_t offset, uint64_t length, const char* op, Apply&& 
   for (;;) {
     size_t wait_for = 0;
     {
-      GateGuard guard(gate_);
+      // Never wait for a closing gate while holding entries: a writer inside
+      // may need them to finish, and the close waits for that writer.
+      if (!entries.empty() && !gate_.try_enter()) {
+        for (uint32_t x : entries) store_->release(x);
+        entries.clear();
+        gate_.enter();
+      } else if (entries.empty()) {
+        gate_.enter();
+      }
+      struct Leave {
+        WriteGate& g;
+        ~Leave() { g.leave(); }
+      } leave{gate_};
       const Chain* chain = chain_.get();  // stable while we are inside the gate
       if (!chain->empty()) {
         size_t need = std::min<size_t>(copies_needed(offset, length, *chain), store_->entries());
@@ -407,10 +421,10 @@ void Volume::store(Staged& job) {
     if (st) break;  // in the table before it leaves the staged map: no gap
     std::string what = "store chunk " + std::to_string(to_u32(job.c));
     (void)part.snapshot->corrupt(name_, st.with_context(what));
-    // Closes the staged record whatever else recorded the corruption.
-    (void)part.log.append(LogRecord{LogType::kCorrupted, 0, static_cast<uint32_t>(st.code() ? st.code() : EIO), 0});
     // The origin already holds the new data: the copy goes to the next older
-    // snapshot that needs it, from the same staged bytes.
+    // snapshot that needs it, from the same staged bytes. Staged there
+    // before this part's record is closed: a crash in between finds the copy
+    // open in the older log and stores it at restart.
     bool next = false;
     while (at > 0 && !next) {
       --at;
@@ -432,6 +446,8 @@ void Volume::store(Staged& job) {
         (void)older.log.append(LogRecord{LogType::kCorrupted, 0, static_cast<uint32_t>(s2.code()), 0});
       }
     }
+    // Closes the staged record whatever else recorded the corruption.
+    (void)part.log.append(LogRecord{LogType::kCorrupted, 0, static_cast<uint32_t>(st.code()), 0});
     if (!next) break;
   }
   set_staged(job.c, nullptr);

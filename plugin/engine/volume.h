@@ -106,6 +106,8 @@ class Volume {
   // Restart: stores a copy that was staged (logged kStaged) but not stored
   // before a crash, from the staging file, and records it in the part.
   Status restore_staged(SnapshotPart& part, ChunkIndex c, SlotAddress slot, uint32_t entry, uint32_t length);
+  // Puts a new staging file in place (StoreQueue::commit): after restart.
+  Status commit_staging() { return store_->commit(); }
   // Tests: while held, staged copies are not stored.
   void hold_stores_for_test(bool held) { store_->hold_for_test(held); }
 

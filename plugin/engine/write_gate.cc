@@ -13,6 +13,13 @@ void WriteGate::enter() {
   }
 }
 
+bool WriteGate::try_enter() {
+  uint64_t prev = state_.fetch_add(2, std::memory_order_acquire);
+  if ((prev & 1) == 0) return true;
+  leave();
+  return false;
+}
+
 void WriteGate::leave() {
   uint64_t prev = state_.fetch_sub(2, std::memory_order_release);
   if ((prev & 1) && prev - 2 == 1) {

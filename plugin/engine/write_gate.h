@@ -18,6 +18,8 @@ namespace nbdsnap {
 class WriteGate {
  public:
   void enter();
+  // enter() unless the gate is closing; false then (not entered).
+  bool try_enter();
   void leave();
   void close();  // returns once no writer is inside
   void open();

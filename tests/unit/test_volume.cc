@@ -9,6 +9,7 @@
 #include <future>
 #include <map>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "test_util.h"
@@ -332,7 +333,7 @@ TEST(VolumeStoring, WritesReturnBeforeTheirCopiesAreStored) {
   h.snapshot("s1");
   h.vol()->hold_stores_for_test(true);
   auto after = pattern(5 * kChunk, 2);
-  ASSERT_OK(h.write(3 * kChunk, after));  // 5 copies staged, none stored
+  EXPECT_OK(h.write(3 * kChunk, after));  // 5 copies staged, none stored
   EXPECT_EQ(h.read(3 * kChunk, 5 * kChunk), after);
   h.vol()->hold_stores_for_test(false);
   EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), before);
@@ -346,7 +347,7 @@ TEST(VolumeStoring, ReadOfAChunkBeingStoredWaitsForItsCopy) {
   auto before = fill(h, 1);
   h.snapshot("s1");
   h.vol()->hold_stores_for_test(true);
-  ASSERT_OK(h.write(7 * kChunk, pattern(kChunk, 2)));
+  EXPECT_OK(h.write(7 * kChunk, pattern(kChunk, 2)));
   auto reader = std::async(std::launch::async, [&] { return h.snap_read("s1", 7 * kChunk, kChunk); });
   EXPECT_EQ(reader.wait_for(std::chrono::milliseconds(200)), std::future_status::timeout)
       << "the read did not wait for the staged copy";
@@ -361,7 +362,7 @@ TEST(VolumeStoring, SecondWriteToAStagedChunkDoesNotWaitForTheStore) {
   auto before = fill(h, 1);
   h.snapshot("s1");
   h.vol()->hold_stores_for_test(true);
-  ASSERT_OK(h.write(5 * kChunk, pattern(4 * kKiB, 2)));
+  EXPECT_OK(h.write(5 * kChunk, pattern(4 * kKiB, 2)));
   auto second = std::async(std::launch::async, [&] { return h.write(5 * kChunk + 8 * kKiB, pattern(kChunk - 8 * kKiB, 3)); });
   bool done = second.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
   h.vol()->hold_stores_for_test(false);
@@ -383,13 +384,13 @@ TEST(VolumeStoring, TakeDoesNotWaitForAFullStagingArea) {
   ASSERT_LT(n + 1, 65u);
   h.vol()->hold_stores_for_test(true);
   auto mid = pattern(n * kChunk, 2);
-  ASSERT_OK(h.write(0, mid));  // fills every staging entry
+  EXPECT_OK(h.write(0, mid));  // fills every staging entry
   auto late = pattern(kChunk, 3);
   auto writer = std::async(std::launch::async, [&] { return h.write(n * kChunk, late); });
   EXPECT_EQ(writer.wait_for(std::chrono::milliseconds(100)), std::future_status::timeout)
       << "the write needing a copy should wait for a staging entry";
-  ASSERT_OK(h.engine().create_snapshot({"vol"}, "s2", 0));
-  ASSERT_OK(h.engine().append_storage("s2", {StorageRange{"", 0, 8 * kMiB}}));
+  EXPECT_OK(h.engine().create_snapshot({"vol"}, "s2", 0));
+  EXPECT_OK(h.engine().append_storage("s2", {StorageRange{"", 0, 8 * kMiB}}));
   auto take = std::async(std::launch::async, [&] { return h.engine().take("s2"); });
   bool took = take.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
   h.vol()->hold_stores_for_test(false);  // lets everything finish either way
@@ -403,6 +404,45 @@ TEST(VolumeStoring, TakeDoesNotWaitForAFullStagingArea) {
   EXPECT_EQ(h.read(n * kChunk, kChunk), late);
 }
 
+// A request that needs more copies than there are staging entries waits for
+// more inside the gate; a writer that got entries while a take closes the
+// gate must give them back, or the take waits for the first writer, which
+// waits for those entries, forever.
+TEST(VolumeStoring, TakeWhileARequestNeedsMoreCopiesThanEntries) {
+  Params p = test::small_params();
+  test::must(p.set("chunk_maximum_in_queue", "2"));
+  Harness::Options o;
+  o.params = p;
+  Harness h(o);
+  auto before = fill(h, 1);
+  h.snapshot("s1");
+  h.vol()->hold_stores_for_test(true);
+  auto big = pattern(10 * kChunk, 2);
+  auto small = pattern(2 * kChunk, 3);
+  auto a = std::async(std::launch::async, [&] { return h.write(0, big); });  // 10 copies, 2 entries
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  auto b = std::async(std::launch::async, [&] { return h.write(20 * kChunk, small); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_OK(h.engine().create_snapshot({"vol"}, "s2", 0));
+  EXPECT_OK(h.engine().append_storage("s2", {StorageRange{"", 0, 8 * kMiB}}));
+  auto take = std::async(std::launch::async, [&] { return h.engine().take("s2"); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  h.vol()->hold_stores_for_test(false);
+  bool took = take.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+  ASSERT_TRUE(took) << "take and writers deadlocked";
+  ASSERT_OK(take.get());
+  ASSERT_OK(a.get());
+  ASSERT_OK(b.get());
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), before);
+  auto at_s2 = h.snap_read("s2", 0, kVolumeSize);
+  EXPECT_EQ(std::vector<char>(at_s2.begin(), at_s2.begin() + 10 * kChunk), big)
+      << "the write inside the gate landed before the take";
+  auto now = before;
+  put(now, 0, big);
+  put(now, 20 * kChunk, small);
+  EXPECT_EQ(h.read(0, kVolumeSize), now);
+}
+
 // Destroy returns only once no staged copy is left to land in the
 // snapshot's storage (its ranges may be given to something else then).
 TEST(VolumeStoring, DestroyWaitsForStagedCopies) {
@@ -410,7 +450,7 @@ TEST(VolumeStoring, DestroyWaitsForStagedCopies) {
   fill(h, 1);
   h.snapshot("s1");
   h.vol()->hold_stores_for_test(true);
-  ASSERT_OK(h.write(0, pattern(3 * kChunk, 2)));
+  EXPECT_OK(h.write(0, pattern(3 * kChunk, 2)));
   auto destroy = std::async(std::launch::async, [&] { return h.engine().destroy("s1"); });
   EXPECT_EQ(destroy.wait_for(std::chrono::milliseconds(200)), std::future_status::timeout)
       << "destroy returned with copies still staged for the snapshot";
