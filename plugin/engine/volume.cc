@@ -35,7 +35,7 @@ Result<std::unique_ptr<Volume>> Volume::open(const std::string& name, const std:
     ::close(fd);
     return Status::error(EFBIG, ctx + ": too large for the chunk and CBT parameters");
   }
-  std::unique_ptr<Volume> v(new Volume(name, path, fd, g, params, sequence));
+  std::unique_ptr<Volume> v(new Volume(name, path, fd, g, sequence));
   struct stat st;
   if (::fstat(fd, &st) == 0) {
     v->block_device_ = S_ISBLK(st.st_mode);
@@ -56,16 +56,14 @@ Result<std::unique_ptr<Volume>> Volume::open(const std::string& name, const std:
   return v;
 }
 
-Volume::Volume(std::string name, std::string path, int fd, const Geometry& g, const Params& p,
+Volume::Volume(std::string name, std::string path, int fd, const Geometry& g,
                const std::atomic<uint32_t>* sequence)
     : name_(std::move(name)),
       path_(std::move(path)),
       fd_(fd),
       geometry_(g),
       sequence_(sequence),
-      chain_(std::make_shared<Chain>()) {
-  (void)p;
-}
+      chain_(std::make_shared<Chain>()) {}
 
 Volume::~Volume() {
   // Every staged copy stored first: the jobs use store_ and the members.

@@ -123,7 +123,7 @@ class Volume {
   void restore_chain(Chain chain);
 
  private:
-  Volume(std::string name, std::string path, int fd, const Geometry& g, const Params& p,
+  Volume(std::string name, std::string path, int fd, const Geometry& g,
          const std::atomic<uint32_t>* sequence);
   template <typename Apply>
   Status modify(uint64_t offset, uint64_t length, const char* op, Apply&& apply);
