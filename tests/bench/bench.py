@@ -624,10 +624,15 @@ def cmd_report(args):
         ("snapshot read copied, 1 conn / file", get(reads, "snap_copied_read", "ratio"), ">=", 0.90, "x"),
         ("snapshot read copied, 4 conn / file", get(reads, "snap_copied_read", "ratio4"), ">=", 0.90, "x"),
     ]
+    # The one-write-per-chunk workload is not one of the (4k random
+    # writes, 1M sequential writes, 4k random reads): shown with the targets,
+    # not counted (docs/benchmarks.md, "The row that cannot hold here").
+    outside = []
     for label, *_ in vsq:
         if "no snapshot" in label:
             continue
-        targets.append((f"{label} / QEMU", vs[label]["ratio"], ">", 1.0, "x"))
+        row = (f"{label} / QEMU", vs[label]["ratio"], ">", 1.0, "x")
+        (outside if "one write per chunk" in label else targets).append(row)
     targets += [
         ("16 snapshots / 1, 4k randwrite", get(multi, "n16", "rand_ratio"), ">=", 0.90, "x"),
         ("16 snapshots / 1, 1M seqwrite", get(multi, "n16", "seq_ratio"), ">=", 0.90, "x"),
@@ -637,15 +642,19 @@ def cmd_report(args):
         ("RSS per TiB of origin", diff_mib, "<=", 16.0, " MiB"),
     ]
     p(f"{'target':<52} {'measured':>10} {'target':>10}  result")
-    tj = []
-    for name, v, op, want, unit in targets:
-        ok = v is not None and {">=": v >= want, ">": v > want, "<=": v <= want}[op]
-        shown = "-" if v is None else (f"{v:.2f}x" if unit == "x" else f"{v:.1f}{unit}")
-        p(f"{name:<52} {shown:>10} {op + ' ' + (f'{want:.2f}x' if unit == 'x' else f'{want:g}{unit}'):>10}  "
-          f"{'PASS' if ok else 'MISS'}")
-        tj.append({"target": name, "measured": v, "op": op, "threshold": want,
-                   "unit": unit.strip() or "ratio", "pass": ok})
-    p(f"{sum(t['pass'] for t in tj)} of {len(tj)} targets met")
+    tj, oj = [], []
+    for rows, dst in ((targets, tj), (outside, oj)):
+        if dst is oj and rows:
+            p("outside the issue's workloads (shown, not counted):")
+        for name, v, op, want, unit in rows:
+            ok = v is not None and {">=": v >= want, ">": v > want, "<=": v <= want}[op]
+            shown = "-" if v is None else (f"{v:.2f}x" if unit == "x" else f"{v:.1f}{unit}")
+            p(f"{name:<52} {shown:>10} {op + ' ' + (f'{want:.2f}x' if unit == 'x' else f'{want:g}{unit}'):>10}  "
+              f"{'PASS' if ok else 'MISS'}")
+            dst.append({"target": name, "measured": v, "op": op, "threshold": want,
+                        "unit": unit.strip() or "ratio", "pass": ok})
+    p(f"{sum(t['pass'] for t in tj)} of {len(tj)} targets met"
+      + (f"; outside the issue's workloads {sum(t['pass'] for t in oj)} of {len(oj)}" if oj else ""))
     p("")
 
     # CPU used by other processes during the measurements (shared machine).
@@ -676,7 +685,7 @@ def cmd_report(args):
 
     out.update({"writes": table, "reads": reads, "vs_qemu": vs, "snapshots_held": multi, "take_pause": tp,
                 "cbt": cbt, "rss": rss, "memory": mem, "rss_difference_mib": diff_mib,
-                "rss_difference_qsd_mib": qdiff_mib, "targets": tj,
+                "rss_difference_qsd_mib": qdiff_mib, "targets": tj, "outside_targets": oj,
                 "commands": [c.replace(args.workdir, "$W") for c in cmds],
                 "samples": {f"{c}/{k}": v for (c, k), v in res.samples.items()
                             if not k.endswith("_other_cpu_pct")}})

@@ -37,7 +37,7 @@
 # with a copy of the JSON next to it, this machine's paths replaced.
 # Exits 0 even if a target is missed; non-zero only if the harness itself
 # fails. --quick: one short round, 2 s runs (a smoke run, about 5 minutes);
-# full: 3 rounds, 5 s runs (about 17 minutes); --rounds N overrides.
+# full: 6 rounds, 5 s runs (about 30 minutes); --rounds N overrides.
 # --build (or $NBDSNAP_BENCH_BUILD) picks the build directory (default build).
 # Before each measurement the harness waits (20 s at most, --max-wait in all,
 # default 60 s, 15 s with --quick) for other processes to leave the machine
@@ -109,7 +109,7 @@ chunk=$((256 << 10))
 while [ $((size_bytes / chunk)) -gt 2097152 ]; do chunk=$((chunk * 2)); done
 chunks=$(((size_bytes + chunk - 1) / chunk))
 
-if [ $quick = 1 ]; then rounds=1; runtime=2; copies=2; takes=40; else rounds=3; runtime=5; copies=4; takes=200; fi
+if [ $quick = 1 ]; then rounds=1; runtime=2; copies=2; takes=40; else rounds=6; runtime=5; copies=4; takes=200; fi
 [ -z "$rounds_opt" ] || rounds=$rounds_opt
 # Total seconds the run may spend waiting for other work to calm down.
 [ -n "$max_wait" ] || { [ $quick = 1 ] && max_wait=15 || max_wait=60; }
