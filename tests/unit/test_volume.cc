@@ -404,16 +404,19 @@ TEST(VolumeStoring, TakeDoesNotWaitForAFullStagingArea) {
   EXPECT_EQ(h.read(n * kChunk, kChunk), late);
 }
 
+// A staging area of two entries, so that a request needs more copies than it holds.
+Harness::Options two_staging_entries() {
+  Harness::Options o;
+  test::must(o.params.set("chunk_maximum_in_queue", "2"));
+  return o;
+}
+
 // A request that needs more copies than there are staging entries waits for
 // more inside the gate; a writer that got entries while a take closes the
 // gate must give them back, or the take waits for the first writer, which
 // waits for those entries, forever.
 TEST(VolumeStoring, TakeWhileARequestNeedsMoreCopiesThanEntries) {
-  Params p = test::small_params();
-  test::must(p.set("chunk_maximum_in_queue", "2"));
-  Harness::Options o;
-  o.params = p;
-  Harness h(o);
+  Harness h(two_staging_entries());
   auto before = fill(h, 1);
   h.snapshot("s1");
   h.vol()->hold_stores_for_test(true);
@@ -460,11 +463,7 @@ TEST(VolumeStoring, DestroyWaitsForStagedCopies) {
 
 // A request over more chunks than the staging area holds copies them all.
 TEST(VolumeStoring, RequestOverMoreChunksThanStagingEntriesCopiesEveryOne) {
-  Params p = test::small_params();
-  test::must(p.set("chunk_maximum_in_queue", "2"));
-  Harness::Options o;
-  o.params = p;
-  Harness h(o);
+  Harness h(two_staging_entries());
   auto before = fill(h, 1);
   h.snapshot("s1");
   ASSERT_OK(h.write(kKiB, pattern(kVolumeSize - 2 * kKiB, 2)));
