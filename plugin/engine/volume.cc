@@ -111,17 +111,14 @@ Status Volume::modify(uint64_t offset, uint64_t length, const char* op, Apply&& 
     {
       // Never wait for a closing gate while holding entries: a writer inside
       // may need them to finish, and the close waits for that writer.
-      if (!entries.empty() && !gate_.try_enter()) {
+      if (entries.empty()) {
+        gate_.enter();
+      } else if (!gate_.try_enter()) {
         for (uint32_t x : entries) store_->release(x);
         entries.clear();
         gate_.enter();
-      } else if (entries.empty()) {
-        gate_.enter();
       }
-      struct Leave {
-        WriteGate& g;
-        ~Leave() { g.leave(); }
-      } leave{gate_};
+      GateGuard guard(gate_, std::adopt_lock);
       const Chain* chain = chain_.get();  // stable while we are inside the gate
       if (!chain->empty()) {
         size_t need = std::min<size_t>(copies_needed(offset, length, *chain), store_->entries());

@@ -34,6 +34,8 @@ class WriteGate {
 class GateGuard {
  public:
   explicit GateGuard(WriteGate& g) : g_(g) { g_.enter(); }
+  // Adopts an entry made already (enter() or a successful try_enter()).
+  GateGuard(WriteGate& g, std::adopt_lock_t) : g_(g) {}
   ~GateGuard() { g_.leave(); }
   GateGuard(const GateGuard&) = delete;
   GateGuard& operator=(const GateGuard&) = delete;
