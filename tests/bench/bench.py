@@ -491,6 +491,22 @@ def cmd_report(args):
         p(f"{label:<46} {cell(case, 'read_mibs'):>22} {fmt_ratio(r1):>6}  {cell(case, 'read4_mibs'):>22} {fmt_ratio(r4):>6}")
         reads[case] = {"mibs": m(case, "read_mibs"), "ratio": r1, "samples": res.samples.get((case, "read_mibs")),
                        "mibs4": m(case, "read4_mibs"), "ratio4": r4, "samples4": res.samples.get((case, "read4_mibs"))}
+        for conns, pre in (("", "read"), ("4", "read4")):
+            for who in ("server", "nbdcopy"):
+                reads[case][f"{who}_cpu_s_per_gib{conns}"] = m(case, f"{pre}_{who}_cpu_s_per_gib")
+    # What each GiB cost in CPU (all threads, user + system): with the cores
+    # the limit, a server can only be faster by doing less per byte.
+    if any(v.get("server_cpu_s_per_gib") is not None for v in reads.values()):
+        p(f"{'  CPU seconds per GiB read, server + nbdcopy':<46} {'1 connection':>22} {'':>6}  {'4 connections':>22}")
+        for case, label in [("base_read", "a) nbdkit file"), ("snap_fresh_read", "c) snapshot, fresh"),
+                            ("snap_copied_read", "d) snapshot, all copied"),
+                            ("qsnap_fresh_read", "q) QEMU, fresh"), ("qsnap_copied_read", "q) QEMU, all copied")]:
+            r = reads[case]
+
+            def cpu(conns):
+                a, b = r.get(f"server_cpu_s_per_gib{conns}"), r.get(f"nbdcopy_cpu_s_per_gib{conns}")
+                return "-" if a is None or b is None else f"{a:.3f} + {b:.3f}"
+            p(f"{'    ' + label:<46} {cpu(''):>22} {'':>6}  {cpu('4'):>22}")
     p("")
 
     # ---- nbdsnap vs QEMU, paired

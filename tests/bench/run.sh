@@ -25,7 +25,8 @@
 # volume for the run time; one pass where it must be a first touch),
 # 4k randread qd32; 4k writes one per chunk (every write a first touch),
 # with the disk's O_DIRECT chunk-write rate as the reference;
-# nbdcopy reads to null: with 1 and 4 connections; the pause of origin
+# nbdcopy reads to null: with 1 and 4 connections (MiB/s, and the CPU
+# seconds per GiB of the server and of nbdcopy); the pause of origin
 # writes around takes (4 writers); `cbt changes` through nbdsnapd's API on a
 # sparse 1 TiB volume with 1% of its blocks changed; RSS per TiB of origin
 # and per GiB of copied chunks, chunk table bytes per copied chunk.
@@ -322,15 +323,17 @@ load_end() {  # CASE KIND S
   read -r _c u n s i w q sq st _r </proc/stat
   busy=$((u + n + s + q + sq + st)); total=$((busy + i + w))
   srv=$(awk '{print $14 + $15}' "/proc/${pid[$3]}/stat")
-  record "$1" "${2}_other_cpu_pct" "$($py - "$work/times0" "$work/times1" <<PY
+  local other
+  read -r other srv_cpu_s kids_cpu_s < <($py - "$work/times0" "$work/times1" <<PY
 import re, sys
 def child(path):  # second line of bash's times: children user, system
     return sum(int(m) * 60 + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", open(path).read().splitlines()[1]))
 kids = (child(sys.argv[2]) - child(sys.argv[1])) * $hz
 other = ($busy - $busy0) - ($srv - $srv0) - kids
-print(round(max(0.0, other) * 100 / max(1, $total - $total0), 1))
+print(round(max(0.0, other) * 100 / max(1, $total - $total0), 1), ($srv - $srv0) / $hz, kids / $hz)
 PY
-)"
+)
+  record "$1" "${2}_other_cpu_pct" "$other"
 }
 
 # Waits (bounded) until other processes leave the machine mostly idle: on a
@@ -399,19 +402,28 @@ fio_run() {  # CASE S EXPORT KIND(rand|seq|seqpass|touch|rread)
   alive
 }
 
+# Also records the CPU time per GiB read of the server (user + system, all its
+# threads) and of nbdcopy: the reads run at the speed of these copies when the
+# machine's cores are the limit.
 nbdcopy_read() {  # CASE S EXPORT CONNECTIONS
-  local i t0 t1 mibs metric=read_mibs
+  local i mibs metric=read_mibs stamps=()
   [ "$4" = 1 ] || metric=read${4}_mibs
   load_begin "$2"
   for i in $(seq "$copies"); do
-    t0=$EPOCHREALTIME
+    stamps+=("$EPOCHREALTIME")
     run nbdcopy --connections="$4" "$(uri "$2" "$3")" null:
-    t1=$EPOCHREALTIME
-    mibs=$($py -c "print(round($size_bytes / 1048576 / ($t1 - $t0), 1))")
+    stamps+=("$EPOCHREALTIME")
+  done
+  load_end "$1" "read$4" "$2"   # before any other child: only nbdcopy counts
+  for mibs in $($py -c "import sys; t = [float(x) for x in sys.argv[1:]]
+for a, b in zip(t[::2], t[1::2]): print(round($size_bytes / 1048576 / (b - a), 1))" "${stamps[@]}"); do
     record "$1" "$metric" "$mibs"
   done
-  load_end "$1" "read$4" "$2"
-  log "  $1: nbdcopy read, $4 connection(s): $(awk -v r="$round" -v m="$metric" '$1 == c && $2 == m && $3 == r {printf "%s ", $4}' c="$1" "$results")MiB/s"
+  local scpu ncpu
+  read -r scpu ncpu < <($py -c "g = $copies * $size_bytes / 2**30; print(round($srv_cpu_s / g, 4), round($kids_cpu_s / g, 4))")
+  record "$1" "${metric%_mibs}_server_cpu_s_per_gib" "$scpu"
+  record "$1" "${metric%_mibs}_nbdcopy_cpu_s_per_gib" "$ncpu"
+  log "  $1: nbdcopy read, $4 connection(s): $(awk -v r="$round" -v m="$metric" '$1 == c && $2 == m && $3 == r {printf "%s ", $4}' c="$1" "$results")MiB/s; CPU s per GiB: server $scpu, nbdcopy $ncpu"
   alive
 }
 
