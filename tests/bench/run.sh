@@ -39,7 +39,7 @@
 # with a copy of the JSON next to it, this machine's paths replaced.
 # Exits 0 even if a target is missed; non-zero only if the harness itself
 # fails. --quick: one short round, 2 s runs (a smoke run, about 5 minutes);
-# full: 6 rounds, 5 s runs (about 31 minutes); --rounds N overrides.
+# full: 6 rounds, 5 s runs (about 33 minutes); --rounds N overrides.
 # --build (or $NBDSNAP_BENCH_BUILD) picks the build directory (default build).
 # Before each measurement the harness waits (20 s at most, --max-wait in all,
 # default 60 s, 15 s with --quick) for other processes to leave the machine
