@@ -317,6 +317,8 @@ load_begin() {  # S
   busy0=$((u + n + s + q + sq + st)); total0=$((busy0 + i + w))
   srv0=$(awk '{print $14 + $15}' "/proc/${pid[$1]}/stat")
 }
+# load_end also leaves the server's and the children's CPU seconds since
+# load_begin in srv_cpu_s and kids_cpu_s (nbdcopy_read records them per GiB).
 load_end() {  # CASE KIND S
   times >"$work/times1"
   local _c u n s i w q sq st _r busy total srv
