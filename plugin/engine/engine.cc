@@ -210,11 +210,11 @@ Status Engine::stop() {
 
 // ---------------------------------------------------------------- registry
 
-Status Engine::save_registry(bool durable) {
+Status Engine::save_registry(bool durable, const PendingTake* pending) {
   if (options_.state_dir.empty()) return Status::ok();
   state::Registry reg;
-  reg.set_sequence(sequence_.load());
-  reg.set_next_take_order(next_take_order_);
+  reg.set_sequence(pending ? pending->sequence + 1 : sequence_.load());
+  reg.set_next_take_order(pending ? pending->take_order + 1 : next_take_order_);
   for (const auto& [id, e] : snapshots_) {
     const Snapshot& s = *e.snapshot;
     auto* r = reg.add_snapshots();
@@ -235,6 +235,11 @@ Status Engine::save_registry(bool durable) {
     r->set_storage_limit(s.storage_limit());
     r->set_destroyed(s.destroyed.load());
     r->set_take_order(s.take_order());
+    if (pending && pending->snapshot == &s) {
+      r->set_state(static_cast<uint32_t>(SnapshotState::kTaken));
+      r->set_sequence(pending->sequence);
+      r->set_take_order(pending->take_order);
+    }
   }
   std::string payload;
   if (!reg.SerializeToString(&payload)) return Status::error(EIO, "save registry: serialize");
@@ -650,11 +655,25 @@ Result<TakeResult> Engine::take(const std::string& id) {
     parts.emplace_back(v, part);
   }
 
+  // The registry records the take, durably, before the gates close, so the
+  // pause holds no file system work. Restart treats the snapshot as taken
+  // from this save on. A crash before the gates close leaves it taken at the
+  // crash instead (no write after that point was acknowledged, and every
+  // write before it copied for the older snapshots as usual): still one
+  // point in time between the request and the reply, which never came.
+  uint32_t closed = sequence_.load();
+  PendingTake pending{snap.get(), closed, next_take_order_};
+  if (Status saved = save_registry(true, &pending); !saved) {
+    // The file may say taken now: say otherwise, or at least not silently.
+    if (!save_registry(true)) snap->corrupt("", saved.with_context("take: state not saved"));
+    return saved.with_context(ctx);
+  }
+  if (options_.test_point) options_.test_point("take: recorded");
+
   // The pause counts from the first close: new writes wait from then on,
   // while the writes inside drain.
   auto t0 = std::chrono::steady_clock::now();
   for (auto& [v, part] : parts) v->gate().close();
-  uint32_t closed = sequence_.load();
   sequence_.store(closed + 1, std::memory_order_release);
   snap->set_taken(closed, next_take_order_++);
   Entry& entry = snapshots_.at(snap->id());
@@ -662,17 +681,8 @@ Result<TakeResult> Engine::take(const std::string& id) {
     v->push_part(part);
     entry.parts[v->name()] = part;
   }
-  // Written before writes resume: after a kill -9 the registry knows the take
-  // (fsync follows outside the pause; a lost fsync needs a reboot, and an
-  // unclean reboot distrusts every snapshot anyway).
-  Status saved = save_registry(false);
   for (auto& [v, part] : parts) v->gate().open();
   auto pause = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0);
-  if (saved) saved = save_registry(true);
-  if (!saved) {
-    snap->corrupt("", saved.with_context("take: state not saved"));
-    return saved.with_context(ctx);
-  }
   snap->check_free_space();
   return TakeResult{closed, static_cast<uint64_t>(pause.count())};
 }

@@ -37,6 +37,9 @@ struct EngineOptions {
   std::function<std::unique_ptr<DiffStorage>()> storage_factory;
   // Operator messages (restart findings, resets).
   std::function<void(const std::string&)> log;
+  // Tests only: called at named points of control operations, with mu_ held
+  // ("take: recorded": the registry says taken, the gates are still open).
+  std::function<void(const char* point)> test_point;
 };
 
 struct ExportRef {
@@ -149,7 +152,13 @@ class Engine {
   Result<std::shared_ptr<Snapshot>> find(const std::string& id, const char* op) const;  // requires mu_
   SnapshotInfo describe(const Entry& e) const;
   Status check_storage_range(const StorageRange& r, const Snapshot& s) const;  // requires mu_
-  Status save_registry(bool durable);  // requires mu_
+  // A take being made: saved as taken before the gates close.
+  struct PendingTake {
+    const Snapshot* snapshot;
+    uint32_t sequence;  // the sequence it closes
+    uint64_t take_order;
+  };
+  Status save_registry(bool durable, const PendingTake* pending = nullptr);  // requires mu_
   Status load_registry();
   std::string snapshot_dir(const Uuid& id) const;
   std::string cbt_path(const std::string& volume) const;

@@ -421,6 +421,100 @@ TEST(EnginePersistence, EverythingSurvivesKillMinus9OfTheProcess) {
   EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), d0);
 }
 
+// kill -9 inside a take, after the registry records it and before the gates
+// close: writes in between went on under the older snapshot. The restart
+// must show the new snapshot taken as of the crash, and the older one intact.
+TEST(EnginePersistence, KillMinus9BetweenRecordingATakeAndItsPauseLeavesItTakenAtTheCrash) {
+  Harness h(persistent());
+  std::string storage1 = test::make_file(h.dir().file("storage1"), 8 * kMiB);
+  std::string storage2 = test::make_file(h.dir().file("storage2"), 8 * kMiB);
+  auto d0 = pattern(kVolumeSize, 1);
+  auto d1 = pattern(2 * kChunk, 2);  // chunks 10-11, before the take of s2
+  auto d2 = pattern(3 * kChunk, 3);  // chunks 11-13, at "take: recorded"
+  h.drop_engine();
+
+  int pipefd[2];
+  ASSERT_EQ(::pipe(pipefd), 0);
+  EngineOptions eo = h.engine_options();
+  eo.log = nullptr;
+  Engine* engine = nullptr;
+  std::string msg;
+  eo.test_point = [&](const char* point) {
+    if (std::string(point) != "take: recorded" || !engine) return;
+    // The gates are still open: a write goes through and copies for s1.
+    auto v = engine->volume("vol");
+    if (!v->write(d2.data(), d2.size(), 11 * kChunk, false)) ::_exit(20);
+    v->drain_stores();
+    if (::write(pipefd[1], msg.data(), msg.size()) != static_cast<ssize_t>(msg.size())) ::_exit(21);
+    ::kill(::getpid(), SIGKILL);
+  };
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::close(pipefd[0]);
+    Engine e(eo);
+    if (!e.start()) ::_exit(10);
+    auto v = e.volume("vol");
+    if (!v->write(d0.data(), d0.size(), 0, false)) ::_exit(11);
+    if (!e.create_snapshot({"vol"}, "s1", 0)) ::_exit(12);
+    if (!e.append_storage("s1", {StorageRange{storage1, 0, 8 * kMiB}})) ::_exit(13);
+    auto t = e.take("s1");
+    if (!t) ::_exit(14);
+    if (!v->write(d1.data(), d1.size(), 10 * kChunk, false)) ::_exit(15);
+    if (!e.create_snapshot({"vol"}, "s2", 0)) ::_exit(16);
+    if (!e.append_storage("s2", {StorageRange{storage2, 0, 8 * kMiB}})) ::_exit(17);
+    msg = e.cbt_info("vol")->generation.str() + " " + std::to_string(t->sequence) + "\n";
+    engine = &e;
+    (void)e.take("s2");  // the test point kills the process
+    ::_exit(18);
+  }
+  ::close(pipefd[1]);
+  char buf[200] = {};
+  ssize_t n = ::read(pipefd[0], buf, sizeof buf - 1);
+  ::close(pipefd[0]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFSIGNALED(status)) << "child exited with " << WEXITSTATUS(status);
+  ASSERT_GT(n, 0) << "the child never reached the test point";
+  std::string gen;
+  uint64_t seq1 = 0;
+  {
+    std::istringstream in(buf);
+    in >> gen >> seq1;
+  }
+
+  h.restart_engine();
+  Engine& e = h.engine();
+  auto now = d0;
+  std::copy(d1.begin(), d1.end(), now.begin() + 10 * kChunk);
+  std::copy(d2.begin(), d2.end(), now.begin() + 11 * kChunk);
+  EXPECT_EQ(h.read(0, kVolumeSize), now) << "no acknowledged origin write is lost";
+  auto i1 = test::must(e.info("s1"));
+  auto i2 = test::must(e.info("s2"));
+  EXPECT_EQ(i1.state, SnapshotState::kTaken);
+  EXPECT_EQ(i2.state, SnapshotState::kTaken) << "recorded before the pause: taken";
+  EXPECT_EQ(i2.sequence, seq1 + 1);
+  EXPECT_EQ(e.sequence(), seq1 + 2);
+  EXPECT_EQ(i1.chunks_copied, 4u) << "chunks 10-13, all copied for s1";
+  EXPECT_EQ(i2.chunks_copied, 0u);
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), d0);
+  EXPECT_EQ(h.snap_read("s2", 0, kVolumeSize), now) << "s2 shows the volume as of the crash";
+  // Both CBT views: s1 saw nothing change, s2 sees every write before it.
+  auto since1 = test::must(e.cbt_changes("vol", gen, seq1, "s2")).ranges;
+  ASSERT_EQ(since1.size(), 1u);
+  EXPECT_EQ(since1[0].offset, 10 * kChunk);
+  EXPECT_EQ(since1[0].length, 4 * kChunk);
+  EXPECT_TRUE(test::must(e.cbt_changes("vol", gen, seq1 + 1, "")).ranges.empty());
+  // The chain keeps working: a write now copies for s2 and s1 reads through.
+  auto d3 = pattern(kVolumeSize, 4);
+  ASSERT_OK(h.write(0, d3));
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), d0);
+  EXPECT_EQ(h.snap_read("s2", 0, kVolumeSize), now);
+  auto since2 = test::must(e.cbt_changes("vol", gen, seq1 + 1, "")).ranges;
+  ASSERT_EQ(since2.size(), 1u);
+  EXPECT_EQ(since2[0].length, kVolumeSize);
+}
+
 // kill -9 with copies staged but not stored (stores held): their origin
 // writes are done, so the old data exists only in the staging file. Returns
 // the child's wait status.
