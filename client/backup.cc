@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <ctime>
 
+#include "file_io.h"
 #include "qemu_tools.h"
 
 namespace nbdsnap {
@@ -202,7 +203,7 @@ Result<Manifest> run_backup(const BackupChain& chain, const BackupRequest& r) {
   ::close(fd);
   if (::rename(part.c_str(), image.c_str()) != 0) return Status::from_errno("backup " + m.name + ": rename " + part);
   cleanup.paths.back() = image;
-  if (Status st = write_file_atomic(manifest, m.to_json().dump() + "\n"); !st)
+  if (Status st = write_file_atomic(manifest, m.to_json().dump() + "\n", ".part", 0644); !st)
     return st.with_context("backup " + m.name);
   cleanup.keep = true;
   return m;

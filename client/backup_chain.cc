@@ -253,42 +253,4 @@ Result<std::vector<uint32_t>> BackupChain::expected(const Manifest& m) const {
 
 std::string BackupChain::next_name() const { return name_of(backups_.empty() ? 1 : backups_.back().number() + 1); }
 
-Status write_file_atomic(const std::string& path, const std::string& text) {
-  std::string part = path + ".part";
-  int fd = ::open(part.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return Status::from_errno("create " + part);
-  const char* p = text.data();
-  size_t left = text.size();
-  while (left > 0) {
-    ssize_t n = ::write(fd, p, left);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      int e = errno;
-      ::close(fd);
-      ::unlink(part.c_str());
-      return Status::from_errno("write " + part, e);
-    }
-    p += n, left -= static_cast<size_t>(n);
-  }
-  if (::fsync(fd) != 0) {
-    int e = errno;
-    ::close(fd);
-    ::unlink(part.c_str());
-    return Status::from_errno("fsync " + part, e);
-  }
-  ::close(fd);
-  if (::rename(part.c_str(), path.c_str()) != 0) {
-    int e = errno;
-    ::unlink(part.c_str());
-    return Status::from_errno("rename " + part, e);
-  }
-  std::string dir = path.substr(0, path.rfind('/') == std::string::npos ? 0 : path.rfind('/'));
-  int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
-  return Status::ok();
-}
-
 }  // namespace nbdsnap

@@ -88,8 +88,4 @@ class BackupChain {
   std::vector<Manifest> backups_;
 };
 
-// Writes TEXT to PATH atomically (PATH.part, fsync, rename, fsync of the
-// directory).
-Status write_file_atomic(const std::string& path, const std::string& text);
-
 }  // namespace nbdsnap

@@ -56,7 +56,7 @@ Status Registry::save() const {
   if (!google::protobuf::TextFormat::PrintToString(msg, &text))
     return Status::error(EIO, "save registry: cannot serialize");
   text = "# nbdsnapd registry (protobuf text, server/registry.proto); written by nbdsnapd\n" + text;
-  return write_file_atomic(path_, text, true).with_context("save registry");
+  return write_file_atomic(path_, text).with_context("save registry");
 }
 
 const std::string* Registry::volume_path(const std::string& name) const {

@@ -164,10 +164,10 @@ Status Engine::start() {
           for (auto& [vol, part] : e.parts)
             (void)part->log.append(LogRecord{LogType::kCorrupted, 0, EIO, 0});
     }
-    st = write_file_atomic(dir + "/in-use", boot_id() + "\n", true);
+    st = write_file_atomic(dir + "/in-use", boot_id() + "\n");
     if (!st) return st.with_context("state " + dir);
     std::lock_guard lk(mu_);
-    st = save_registry(true);
+    st = save_registry();
     if (!st) return st;
     // The restart is recorded: staging files made anew may replace old ones.
     for (auto& v : volumes_) {
@@ -200,7 +200,7 @@ Status Engine::stop() {
     if (!staging_prefix_.empty()) ::unlink(staging_path(v->name()).c_str());
   }
   if (!options_.state_dir.empty()) {
-    keep(save_registry(true));
+    keep(save_registry());
     // Clean only if everything above made it to disk.
     if (first && ::unlink((options_.state_dir + "/in-use").c_str()) != 0)
       keep(Status::from_errno("state: remove in-use marker"));
@@ -210,7 +210,7 @@ Status Engine::stop() {
 
 // ---------------------------------------------------------------- registry
 
-Status Engine::save_registry(bool durable, const PendingTake* pending) {
+Status Engine::save_registry(const PendingTake* pending) {
   if (options_.state_dir.empty()) return Status::ok();
   state::Registry reg;
   reg.set_sequence(pending ? pending->sequence + 1 : sequence_.load());
@@ -251,7 +251,7 @@ Status Engine::save_registry(bool durable, const PendingTake* pending) {
   std::memcpy(data.data() + 12, &length, 4);
   std::memcpy(data.data() + 16, &crc, 4);
   data += payload;
-  return write_file_atomic(options_.state_dir + "/registry", data, durable).with_context("save registry");
+  return write_file_atomic(options_.state_dir + "/registry", data).with_context("save registry");
 }
 
 Status Engine::load_registry() {
@@ -547,7 +547,7 @@ Result<Uuid> Engine::create_snapshot(const std::vector<std::string>& vols, const
   auto snap = std::make_shared<Snapshot>(id, name, sorted, new_storage(), storage_limit, options_.params,
                                          volumes_bytes(sorted));
   snapshots_.emplace(id, Entry{snap, {}});
-  Status st = save_registry(true);
+  Status st = save_registry();
   if (!st) {
     snapshots_.erase(id);
     return st.with_context("create");
@@ -624,12 +624,12 @@ Status Engine::append_storage(const std::string& id, const std::vector<StorageRa
     if (!st) {
       // Only a failure the checks cannot foresee gets here (open, fallocate):
       // keep what was appended, recorded, rather than lose track of it.
-      (void)save_registry(true);
+      (void)save_registry();
       return st;
     }
   }
   snap.storage_appended();
-  return save_registry(true).with_context("append-storage");
+  return save_registry().with_context("append-storage");
 }
 
 Result<TakeResult> Engine::take(const std::string& id) {
@@ -658,16 +658,14 @@ Result<TakeResult> Engine::take(const std::string& id) {
   // The registry records the take, durably, before the gates close, so the
   // pause holds no file system work. Restart treats the snapshot as taken
   // from this save on. A crash before the gates close leaves it taken at the
-  // crash instead (no write after that point was acknowledged, and every
-  // write before it copied for the older snapshots as usual): still one
-  // point in time between the request and the reply, which never came.
+  // crash instead, crash-consistent like the origin after the restart (every
+  // write before the crash copied for the older snapshots as usual): still
+  // one point in time between the request and the reply, which never came.
   uint32_t closed = sequence_.load();
   PendingTake pending{snap.get(), closed, next_take_order_};
-  if (Status saved = save_registry(true, &pending); !saved) {
-    // The file may say taken now: say otherwise, or at least not silently.
-    if (!save_registry(true)) snap->corrupt("", saved.with_context("take: state not saved"));
-    return saved.with_context(ctx);
-  }
+  // A failed save leaves the old file (write_file_atomic fails only up to
+  // its rename) and nothing changed in memory: the snapshot stays created.
+  if (Status saved = save_registry(&pending); !saved) return saved.with_context(ctx);
   if (options_.test_point) options_.test_point("take: recorded");
 
   // The pause counts from the first close: new writes wait from then on,
@@ -770,7 +768,7 @@ Status Engine::destroy(const std::string& id) {
       forget_dropped(dropped);
     }
   }
-  return save_registry(true).with_context("destroy");
+  return save_registry().with_context("destroy");
 }
 
 // ----------------------------------------------------------- change tracking

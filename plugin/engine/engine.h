@@ -158,7 +158,8 @@ class Engine {
     uint32_t sequence;  // the sequence it closes
     uint64_t take_order;
   };
-  Status save_registry(bool durable, const PendingTake* pending = nullptr);  // requires mu_
+  // Durable: temp file, fsync, rename, fsync of the directory.
+  Status save_registry(const PendingTake* pending = nullptr);  // requires mu_
   Status load_registry();
   std::string snapshot_dir(const Uuid& id) const;
   std::string cbt_path(const std::string& volume) const;

@@ -101,22 +101,23 @@ bool is_zero(const void* buf, uint64_t length) {
   return length <= 16 || std::memcmp(p, p + 16, length - 16) == 0;
 }
 
-Status write_file_atomic(const std::string& path, const std::string& data, bool durable) {
-  std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+Status write_file_atomic(const std::string& path, const std::string& data, const char* temp_suffix, unsigned mode) {
+  std::string tmp = path + temp_suffix;
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, static_cast<mode_t>(mode));
   if (fd < 0) return Status::from_errno("write " + tmp + ": open");
   Status st = pwrite_all(fd, data.data(), data.size(), 0, "write");
-  if (st && durable && ::fsync(fd) != 0) st = Status::from_errno("fsync");
+  if (st && ::fsync(fd) != 0) st = Status::from_errno("fsync");
   ::close(fd);
-  if (!st) return st.with_context("write " + tmp);
-  if (::rename(tmp.c_str(), path.c_str()) != 0) return Status::from_errno("rename " + tmp);
-  if (durable) {
-    std::string dir = path.substr(0, path.find_last_of('/') + 1);
-    int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-      ::fsync(dfd);
-      ::close(dfd);
-    }
+  if (st && ::rename(tmp.c_str(), path.c_str()) != 0) st = Status::from_errno("rename to " + path);
+  if (!st) {
+    ::unlink(tmp.c_str());
+    return st.with_context("write " + tmp);
+  }
+  std::string dir = path.substr(0, path.find_last_of('/') + 1);
+  int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
   }
   return Status::ok();
 }

@@ -21,9 +21,12 @@ Result<uint64_t> file_size(int fd);
 Status zero_fill_regular_file(const std::string& path, uint64_t offset, uint64_t length);
 // True if the whole buffer is zero.
 bool is_zero(const void* buf, uint64_t length);
-// Writes `data` to `path` atomically: temp file, fsync, rename, fsync dir.
-// With durable=false the fsyncs are skipped (survives a process crash only).
-Status write_file_atomic(const std::string& path, const std::string& data, bool durable);
+// Writes `data` to `path` atomically: `path` + `temp_suffix` (mode `mode`),
+// fsync, rename, fsync of the directory. Fails only up to the rename: on
+// failure `path` is unchanged and the temp file removed (the directory's
+// fsync after the rename is best effort, not reported).
+Status write_file_atomic(const std::string& path, const std::string& data, const char* temp_suffix = ".tmp",
+                         unsigned mode = 0600);
 Result<std::string> read_file(const std::string& path);
 // This boot's id (/proc/sys/kernel/random/boot_id), or "" if unknown.
 std::string boot_id();

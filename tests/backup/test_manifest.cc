@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "backup_chain.h"
+#include "file_io.h"
 
 namespace nbdsnap {
 namespace {
@@ -164,13 +165,24 @@ TEST(Chain, DamagedManifestIsNamed) {
 TEST(WriteFileAtomic, ReplacesWholeOrNothing) {
   TempDir d;
   std::string p = d.path() + "/f.json";
-  ASSERT_TRUE(write_file_atomic(p, "one"));
-  ASSERT_TRUE(write_file_atomic(p, "two"));
+  // As backup.cc writes manifests: PATH.part, readable by all.
+  ASSERT_TRUE(write_file_atomic(p, "one", ".part", 0644));
+  ASSERT_TRUE(write_file_atomic(p, "two", ".part", 0644));
   std::ifstream in(p);
   std::string s((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   EXPECT_EQ(s, "two");
   EXPECT_FALSE(fs::exists(p + ".part"));
-  EXPECT_FALSE(write_file_atomic(d.path() + "/nosuchdir/f", "x"));
+  EXPECT_EQ(fs::status(p).permissions() & fs::perms::all,
+            fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read | fs::perms::others_read);
+  EXPECT_FALSE(write_file_atomic(d.path() + "/nosuchdir/f", "x", ".part", 0644));
+  // A failed rename (onto a directory that is not empty) leaves no temp file.
+  std::string busy = d.path() + "/busy";
+  fs::create_directories(busy + "/inside");
+  Status st = write_file_atomic(busy, "x", ".part", 0644);
+  EXPECT_FALSE(st);
+  EXPECT_NE(st.message().find("rename"), std::string::npos) << st.message();
+  EXPECT_FALSE(fs::exists(busy + ".part"));
+  EXPECT_TRUE(fs::is_directory(busy + "/inside"));
 }
 
 }  // namespace

@@ -422,8 +422,9 @@ TEST(EnginePersistence, EverythingSurvivesKillMinus9OfTheProcess) {
 }
 
 // kill -9 inside a take, after the registry records it and before the gates
-// close: writes in between went on under the older snapshot. The restart
-// must show the new snapshot taken as of the crash, and the older one intact.
+// close: writes in between went on under the older snapshot (their copies
+// staged, not stored). The restart must show the new snapshot taken as of
+// the crash, and the older one intact.
 TEST(EnginePersistence, KillMinus9BetweenRecordingATakeAndItsPauseLeavesItTakenAtTheCrash) {
   Harness h(persistent());
   std::string storage1 = test::make_file(h.dir().file("storage1"), 8 * kMiB);
@@ -441,10 +442,11 @@ TEST(EnginePersistence, KillMinus9BetweenRecordingATakeAndItsPauseLeavesItTakenA
   std::string msg;
   eo.test_point = [&](const char* point) {
     if (std::string(point) != "take: recorded" || !engine) return;
-    // The gates are still open: a write goes through and copies for s1.
+    // The gates are still open: a write goes through and copies for s1,
+    // staged only (stores held): the restart must store them for s1.
     auto v = engine->volume("vol");
+    v->hold_stores_for_test(true);
     if (!v->write(d2.data(), d2.size(), 11 * kChunk, false)) ::_exit(20);
-    v->drain_stores();
     if (::write(pipefd[1], msg.data(), msg.size()) != static_cast<ssize_t>(msg.size())) ::_exit(21);
     ::kill(::getpid(), SIGKILL);
   };
@@ -483,7 +485,9 @@ TEST(EnginePersistence, KillMinus9BetweenRecordingATakeAndItsPauseLeavesItTakenA
     in >> gen >> seq1;
   }
 
+  h.log().clear();
   h.restart_engine();
+  EXPECT_TRUE(log_mentions(h.log(), "staged before the crash"));
   Engine& e = h.engine();
   auto now = d0;
   std::copy(d1.begin(), d1.end(), now.begin() + 10 * kChunk);
