@@ -381,11 +381,15 @@ class Results:
         s = self.samples.get((case, metric))
         return statistics.median(s) if s else None
 
+    def round_ratios(self, case, base, metric):
+        """case/base per round, each side the median of its round."""
+        a, b = self.rounds.get((case, metric), {}), self.rounds.get((base, metric), {})
+        return [statistics.median(a[r]) / statistics.median(b[r]) for r in sorted(a) if r in b and statistics.median(b[r])]
+
     def paired_ratio(self, case, base, metric):
         """Median over rounds of case/base, each side the median of its round:
         cases measured next to each other share the machine's state then."""
-        a, b = self.rounds.get((case, metric), {}), self.rounds.get((base, metric), {})
-        rs = [statistics.median(a[r]) / statistics.median(b[r]) for r in a if r in b and statistics.median(b[r])]
+        rs = self.round_ratios(case, base, metric)
         return statistics.median(rs) if rs else None
 
     def spread(self, case, metric):
@@ -622,6 +626,29 @@ def cmd_report(args):
           f"{nch:,.0f} chunks; saved CBT stamps {sb:,.0f} bytes)")
     p("")
 
+    # ---- A/A control: two identical servers (nbdkit file, each on its own
+    # copy) in the same round. Their ratio is 1.0 but for noise: a row that
+    # compares the plugin with a server doing the same work per byte can
+    # miss its target by as much as this one strays.
+    aa = {}
+    if (("base2", "rand_iops") in res.rounds or ("base2_read", "read_mibs") in res.rounds):
+        p("A/A control: nbdkit file a2) / nbdkit file a), same round (identical servers; not a target)")
+        p(f"  {'workload':<30} {'A/A ratio':>9} {'per round':>14}   {'plugin b) / a)':>14} {'per round':>14}")
+        for label, a2, a, b, metric in (("4k randwrite", "base2", "base", "nosnap", "rand_iops"),
+                                        ("1M seqwrite", "base2", "base", "nosnap", "seq_mibs"),
+                                        ("4k randread", "base2", "base", "nosnap", "rread_iops"),
+                                        ("read, 1 connection", "base2_read", "base_read", "vol_read", "read_mibs"),
+                                        ("read, 4 connections", "base2_read", "base_read", "vol_read", "read4_mibs")):
+            rr, pr_ = res.round_ratios(a2, a, metric), res.round_ratios(b, a, metric)
+
+            def rng(v):
+                return f"{min(v):.2f}-{max(v):.2f}" if v else "-"
+            p(f"  {label:<30} {fmt_ratio(pr(a2, a, metric)):>9} {rng(rr):>14}   "
+              f"{fmt_ratio(pr(b, a, metric)):>14} {rng(pr_):>14}")
+            aa[label] = {"aa_ratio": pr(a2, a, metric), "aa_round_ratios": rr,
+                         "plugin_ratio": pr(b, a, metric), "plugin_round_ratios": pr_}
+        p("")
+
     def get(d, *ks):
         for k in ks:
             if d is None:
@@ -701,7 +728,7 @@ def cmd_report(args):
     else:
         p(f"{len(cmds)} distinct commands ran: see \"commands\" in the JSON (W={args.workdir})")
 
-    out.update({"writes": table, "reads": reads, "vs_qemu": vs, "snapshots_held": multi, "take_pause": tp,
+    out.update({"aa_control": aa, "writes": table, "reads": reads, "vs_qemu": vs, "snapshots_held": multi, "take_pause": tp,
                 "cbt": cbt, "rss": rss, "memory": mem, "rss_difference_mib": diff_mib,
                 "rss_difference_qsd_mib": qdiff_mib, "targets": tj, "outside_targets": oj,
                 "commands": [c.replace(args.workdir, "$W") for c in cmds],

@@ -9,6 +9,8 @@
 #
 # Servers, each on its own copy of the same random data:
 #   a) nbdkit file (baseline)          b) plugin, no snapshot
+#   a2) a second nbdkit file: the A/A control (two identical servers, each
+#      on its own copy, measured in the same round: the noise of a ratio)
 #   c) plugin, a fresh snapshot taken right before each run (first touch)
 #   d) plugin, a snapshot held whose every chunk is already copied
 #   q) qemu-nbd (no snapshot); QEMU copy-before-write + snapshot-access in
@@ -39,7 +41,7 @@
 # with a copy of the JSON next to it, this machine's paths replaced.
 # Exits 0 even if a target is missed; non-zero only if the harness itself
 # fails. --quick: one short round, 2 s runs (a smoke run, about 5 minutes);
-# full: 6 rounds, 5 s runs (about 33 minutes); --rounds N overrides.
+# full: 6 rounds, 5 s runs (about 36 minutes); --rounds N overrides.
 # --build (or $NBDSNAP_BENCH_BUILD) picks the build directory (default build).
 # Before each measurement the harness waits (20 s at most, --max-wait in all,
 # default 60 s, 15 s with --quick) for other processes to leave the machine
@@ -118,10 +120,10 @@ if [ $quick = 1 ]; then rounds=1; runtime=2; copies=2; takes=40; else rounds=6; 
 
 # ------------------------------------------------------------- work directory
 # Not tmpfs: the cases must pay the same page-cache + file-system costs as a
-# real volume. $TMPDIR first, then /var/tmp, then /tmp. Needs about 27 x size:
-# the random data, nine volumes, difference files, QEMU targets, the disk
+# real volume. $TMPDIR first, then /var/tmp, then /tmp. Needs about 28 x size:
+# the random data, ten volumes, difference files, QEMU targets, the disk
 # reference file (the 16 snapshots of nsnap keep up to 5 x size).
-need=$((size_bytes * 27 + (256 << 20)))
+need=$((size_bytes * 28 + (256 << 20)))
 dir=
 for cand in ${TMPDIR:-} /var/tmp /tmp; do
   [ -d "$cand" ] && [ -w "$cand" ] || continue
@@ -473,9 +475,10 @@ measure() {  # CASE KIND
   local c=$1 kind=$2 conns=
   case $kind in read1) conns=1 ;; read4) conns=4 ;; esac
   case $c in
-    base)
-      settle "$work/base.img"
-      if [ -n "$conns" ]; then nbdcopy_read base_read base "" "$conns"; else fio_run base base "" "$kind"; fi ;;
+    base|base2)
+      [ "$kind" != touch ] || [ "$c" = base ] || return 0
+      settle "$work/$c.img"
+      if [ -n "$conns" ]; then nbdcopy_read "${c}_read" "$c" "" "$conns"; else fio_run "$c" "$c" "" "$kind"; fi ;;
     nosnap)
       settle "$work/nosnap.img"
       if [ -n "$conns" ]; then nbdcopy_read vol_read nosnap vol0 "$conns"; else fio_run nosnap nosnap vol0 "$kind"; fi ;;
@@ -607,7 +610,7 @@ log "work directory $work ($fstype), volume $size ($size_bytes bytes, $chunks ch
 log "$rounds round(s), fio randwrite runtime ${runtime}s, $copies nbdcopy reads per case and round"
 log "setup: random data, one copy per volume, the servers"
 run dd if=/dev/urandom of="$fill" bs=1M count=$((size_bytes >> 20)) status=none
-vols=(base nosnap first copied qnbd qfirst qcopied nsnap)
+vols=(base base2 nosnap first copied qnbd qfirst qcopied nsnap)
 # Variants of c) for the one-write-per-chunk workload only: 64 KiB chunks
 # (QEMU's copy granularity), difference storage zero-filled when appended,
 # and both. A variant is skipped when --plugin-param sets one of its keys.
@@ -626,6 +629,7 @@ for v in "${vols[@]}"; do run cp --sparse=never "$fill" "$work/$v.img"; done
 rm -f "$fill"
 sync
 start_nbdkit base file "$work/base.img"
+start_nbdkit base2 file "$work/base2.img"
 start_plugin nosnap "$work/nosnap.img"
 start_plugin first "$work/first.img"
 start_plugin copied "$work/copied.img"
@@ -645,7 +649,9 @@ for v in ${variants[@]+"${variants[@]}"}; do
   start_plugin "$v" "$work/$v.img" ${variant_params[$v]}
 done
 
-cases=(base nosnap first ${variants[@]+"${variants[@]}"} copied qnbd qfirst qcopied nsnap newfile diskref)
+# base2 sits on the other side of base from nosnap: the A/A ratio and the
+# plugin's ratio to base are taken at the same distance in the order.
+cases=(base2 base nosnap first ${variants[@]+"${variants[@]}"} copied qnbd qfirst qcopied nsnap newfile diskref)
 for round in $(seq "$rounds"); do
   log "round $round of $rounds"
   order=("${cases[@]}")
@@ -710,7 +716,7 @@ $py "$here/bench.py" takepause --uri "$(uri nosnap vol0)" --socket "$work/nosnap
 log "  $($py -c "import json; d = json.load(open('$work/takepause.json')); print('seen p50 %.2f ms, p99 %.2f ms; plugin pause p50 %.2f ms, p99 %.2f ms' % (d['seen_p50_ms'], d['seen_p99_ms'], d['plugin_p50_ms'], d['plugin_p99_ms']))")"
 
 log "  nsnap: ${#nheld[@]} snapshots held at the end"
-for s in base nosnap first copied qnbd qcopied nsnap ${variants[@]+"${variants[@]}"}; do stop_nbdkit "$s"; done
+for s in base base2 nosnap first copied qnbd qcopied nsnap ${variants[@]+"${variants[@]}"}; do stop_nbdkit "$s"; done
 
 # ------------------------------------------------------------------- CBT
 # nbdsnapd (which runs nbdkit + the plugin) on a sparse 1 TiB volume; 1% of
