@@ -345,6 +345,21 @@ TEST(EnginePersistence, SnapshotsDataAndCbtSurviveACleanRestart) {
   EXPECT_EQ(h.snap_read("s2", 0, kVolumeSize), d1);
 }
 
+// Parent side of a test child that reports "GENERATION SEQUENCE\n" on a
+// pipe and then kills itself with SIGKILL: reads the report, reaps the child
+// and checks that it died of the signal.
+void reap_killed_child(pid_t pid, int pipe_read, std::string* gen, uint64_t* seq) {
+  char buf[200] = {};
+  ssize_t n = ::read(pipe_read, buf, sizeof buf - 1);
+  ::close(pipe_read);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFSIGNALED(status)) << "child exited with " << WEXITSTATUS(status);
+  ASSERT_GT(n, 0) << "the child sent no report";
+  std::istringstream in(buf);
+  in >> *gen >> *seq;
+}
+
 TEST(EnginePersistence, EverythingSurvivesKillMinus9OfTheProcess) {
   Harness h(persistent());
   std::string storage = test::make_file(h.dir().file("storage"), 8 * kMiB);
@@ -379,19 +394,9 @@ TEST(EnginePersistence, EverythingSurvivesKillMinus9OfTheProcess) {
     ::_exit(19);
   }
   ::close(pipefd[1]);
-  char buf[200] = {};
-  ssize_t n = ::read(pipefd[0], buf, sizeof buf - 1);
-  ::close(pipefd[0]);
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  ASSERT_TRUE(WIFSIGNALED(status)) << "child exited with " << WEXITSTATUS(status);
-  ASSERT_GT(n, 0);
   std::string gen;
   uint64_t seq = 0;
-  {
-    std::istringstream in(buf);
-    in >> gen >> seq;
-  }
+  ASSERT_NO_FATAL_FAILURE(reap_killed_child(pid, pipefd[0], &gen, &seq));
   EXPECT_TRUE(fs::exists(h.dir().file("state/in-use"))) << "the crash left the in-use marker";
 
   h.log().clear();
@@ -471,19 +476,9 @@ TEST(EnginePersistence, KillMinus9BetweenRecordingATakeAndItsPauseLeavesItTakenA
     ::_exit(18);
   }
   ::close(pipefd[1]);
-  char buf[200] = {};
-  ssize_t n = ::read(pipefd[0], buf, sizeof buf - 1);
-  ::close(pipefd[0]);
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  ASSERT_TRUE(WIFSIGNALED(status)) << "child exited with " << WEXITSTATUS(status);
-  ASSERT_GT(n, 0) << "the child never reached the test point";
   std::string gen;
-  uint64_t seq1 = 0;
-  {
-    std::istringstream in(buf);
-    in >> gen >> seq1;
-  }
+  uint64_t seq1 = 0;  // the child reports only from the test point
+  ASSERT_NO_FATAL_FAILURE(reap_killed_child(pid, pipefd[0], &gen, &seq1));
 
   h.log().clear();
   h.restart_engine();
