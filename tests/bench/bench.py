@@ -7,6 +7,8 @@
   bench.py cbt ...                       -> time and bytes of the API's cbt changes on a volume
   bench.py report --results TSV ...      -> prints the table and targets, writes the JSON and the chart
   bench.py chart --json FILE --chart PNG -> draws the chart again from a run's JSON
+  bench.py pool JSON...                  -> the ratio targets over several runs: per-round ratios
+                                            pooled, how often one run misses, and the A/A noise
 
 The control link and the public API are spoken directly (a few lines of raw
 protobuf below: Debian's python3 has no protobuf module installed by default).
@@ -407,6 +409,38 @@ def fmt_ratio(r):
     return "-" if r is None else f"{r:.2f}x"
 
 
+# The targets that are a paired ratio of two cases (tests/bench/run.sh names
+# the cases): name, case, the case it is divided by, metric, op, threshold.
+# The names are the JSON's "targets" names, which bench.py pool matches.
+RATIO_TARGETS = [
+    # issue 2: the plugin against nbdkit file
+    ("no snapshot, 4k randwrite / file", "nosnap", "base", "rand_iops", ">=", 0.95),
+    ("no snapshot, 1M seqwrite / file", "nosnap", "base", "seq_mibs", ">=", 0.95),
+    ("no snapshot, 4k randread / file", "nosnap", "base", "rread_iops", ">=", 0.95),
+    ("all copied, 4k randwrite / file", "copied", "base", "rand_iops", ">=", 0.90),
+    ("all copied, 1M seqwrite / file", "copied", "base", "seq_mibs", ">=", 0.90),
+    ("first touch, 1M seqwrite / file", "first", "base", "seq_mibs", ">=", 0.30),
+    ("snapshot read fresh, 1 conn / file", "snap_fresh_read", "base_read", "read_mibs", ">=", 0.90),
+    ("snapshot read fresh, 4 conn / file", "snap_fresh_read", "base_read", "read4_mibs", ">=", 0.90),
+    ("snapshot read copied, 1 conn / file", "snap_copied_read", "base_read", "read_mibs", ">=", 0.90),
+    ("snapshot read copied, 4 conn / file", "snap_copied_read", "base_read", "read4_mibs", ">=", 0.90),
+] + [
+    # issue 5: with a snapshot held, against QEMU's copy-before-write
+    (f"{work}, snapshot, {state} / QEMU", ours, theirs, metric, ">", 1.0)
+    for work, metric in (("4k randwrite", "rand_iops"), ("1M seqwrite", "seq_mibs"), ("4k randread", "rread_iops"))
+    for state, ours, theirs in (("first touch", "first", "qfirst"), ("all copied", "copied", "qcopied"))
+] + [
+    (f"snapshot read, {state}, {conns} / QEMU", ours, theirs, metric, ">", 1.0)
+    for state, ours, theirs in (("fresh", "snap_fresh_read", "qsnap_fresh_read"),
+                                ("all copied", "snap_copied_read", "qsnap_copied_read"))
+    for conns, metric in (("1 connection", "read_mibs"), ("4 connections", "read4_mibs"))
+] + [
+    # issue 5: write cost with 16 snapshots held against 1
+    ("16 snapshots / 1, 4k randwrite", "n16", "n1", "rand_iops", ">=", 0.90),
+    ("16 snapshots / 1, 1M seqwrite", "n16", "n1", "seq_mibs", ">=", 0.90),
+]
+
+
 def cmd_report(args):
     res = Results(args.results)
     m = res.median
@@ -656,48 +690,35 @@ def cmd_report(args):
             d = d.get(k)
         return d
 
-    targets = [
-        # issue 2
-        ("no snapshot, 4k randwrite / file", get(table, "nosnap", "rand_ratio"), ">=", 0.95, "x"),
-        ("no snapshot, 1M seqwrite / file", get(table, "nosnap", "seq_ratio"), ">=", 0.95, "x"),
-        ("no snapshot, 4k randread / file", get(table, "nosnap", "rread_ratio"), ">=", 0.95, "x"),
-        ("all copied, 4k randwrite / file", get(table, "copied", "rand_ratio"), ">=", 0.90, "x"),
-        ("all copied, 1M seqwrite / file", get(table, "copied", "seq_ratio"), ">=", 0.90, "x"),
-        ("first touch, 1M seqwrite / file", get(table, "first", "seq_ratio"), ">=", 0.30, "x"),
-        ("snapshot read fresh, 1 conn / file", get(reads, "snap_fresh_read", "ratio"), ">=", 0.90, "x"),
-        ("snapshot read fresh, 4 conn / file", get(reads, "snap_fresh_read", "ratio4"), ">=", 0.90, "x"),
-        ("snapshot read copied, 1 conn / file", get(reads, "snap_copied_read", "ratio"), ">=", 0.90, "x"),
-        ("snapshot read copied, 4 conn / file", get(reads, "snap_copied_read", "ratio4"), ">=", 0.90, "x"),
-    ]
-    # The one-write-per-chunk workload is not one of the issue's (4k random
+    # Ratio targets (RATIO_TARGETS), each the paired ratio of two cases; the
+    # one-write-per-chunk workload is not one of the issue's (4k random
     # writes, 1M sequential writes, 4k random reads): shown with the targets,
     # not counted (docs/benchmarks.md, "The row that cannot hold here").
-    outside = []
-    for label, *_ in vsq:
-        if "no snapshot" in label:
-            continue
-        row = (f"{label} / QEMU", vs[label]["ratio"], ">", 1.0, "x")
-        (outside if "one write per chunk" in label else targets).append(row)
+    targets = [(name, pr(ours, base, metric), op, want, "x", (ours, base, metric))
+               for name, ours, base, metric, op, want in RATIO_TARGETS]
+    outside = [("4k one write per chunk, first touch / QEMU", vs["4k one write per chunk, first touch"]["ratio"],
+                ">", 1.0, "x", ("first", "qfirst", "touch_iops"))]
     targets += [
-        ("16 snapshots / 1, 4k randwrite", get(multi, "n16", "rand_ratio"), ">=", 0.90, "x"),
-        ("16 snapshots / 1, 1M seqwrite", get(multi, "n16", "seq_ratio"), ">=", 0.90, "x"),
-        ("take pause p99, 4 writers", get(tp, "seen_p99_ms"), "<=", 10.0, " ms"),
-        ("cbt changes, 1 TiB, 1% (p50)", get(cbt, "snapshot", "ms_p50"), "<=", 50.0, " ms"),
-        ("chunk table per copied chunk", per_chunk, "<=", 32.0, " B"),
-        ("RSS per TiB of origin", diff_mib, "<=", 16.0, " MiB"),
+        ("take pause p99, 4 writers", get(tp, "seen_p99_ms"), "<=", 10.0, " ms", None),
+        ("cbt changes, 1 TiB, 1% (p50)", get(cbt, "snapshot", "ms_p50"), "<=", 50.0, " ms", None),
+        ("chunk table per copied chunk", per_chunk, "<=", 32.0, " B", None),
+        ("RSS per TiB of origin", diff_mib, "<=", 16.0, " MiB", None),
     ]
     p(f"{'target':<52} {'measured':>10} {'target':>10}  result")
     tj, oj = [], []
     for rows, dst in ((targets, tj), (outside, oj)):
         if dst is oj and rows:
             p("outside the issue's workloads (shown, not counted):")
-        for name, v, op, want, unit in rows:
+        for name, v, op, want, unit, pair in rows:
             ok = v is not None and {">=": v >= want, ">": v > want, "<=": v <= want}[op]
             shown = "-" if v is None else (f"{v:.2f}x" if unit == "x" else f"{v:.1f}{unit}")
             p(f"{name:<52} {shown:>10} {op + ' ' + (f'{want:.2f}x' if unit == 'x' else f'{want:g}{unit}'):>10}  "
               f"{'PASS' if ok else 'MISS'}")
-            dst.append({"target": name, "measured": v, "op": op, "threshold": want,
-                        "unit": unit.strip() or "ratio", "pass": ok})
+            row = {"target": name, "measured": v, "op": op, "threshold": want,
+                   "unit": unit.strip() or "ratio", "pass": ok}
+            if pair:  # what bench.py pool pools over runs
+                row.update(case=pair[0], base=pair[1], metric=pair[2], round_ratios=res.round_ratios(*pair))
+            dst.append(row)
     p(f"{sum(t['pass'] for t in tj)} of {len(tj)} targets met"
       + (f"; outside the issue's workloads {sum(t['pass'] for t in oj)} of {len(oj)}" if oj else ""))
     p("")
@@ -733,7 +754,10 @@ def cmd_report(args):
                 "rss_difference_qsd_mib": qdiff_mib, "targets": tj, "outside_targets": oj,
                 "commands": [c.replace(args.workdir, "$W") for c in cmds],
                 "samples": {f"{c}/{k}": v for (c, k), v in res.samples.items()
-                            if not k.endswith("_other_cpu_pct")}})
+                            if not k.endswith("_other_cpu_pct")},
+                "rounds": {f"{c}/{k}": {str(r): v for r, v in sorted(d.items())} for (c, k), d in res.rounds.items()
+                           if not k.endswith("_other_cpu_pct") and k != "rss_kib" and c not in ("mem_plugin", "mem_qsd")
+                           and not c.startswith("rss_")}})
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
         f.write("\n")
@@ -825,6 +849,172 @@ def cmd_chart(args):
     chart(args, out["writes"], out["reads"], out["vs_qemu"], out["snapshots_held"], out)
 
 
+def run_rounds(d):
+    """(case, metric) -> {round: [values]} of a run's JSON: its "rounds", or
+    for a run from before the JSON had them, its flat "samples" cut into
+    rounds by the harness's layout: every case measured the same number of
+    times in each round, in order, except nsnap's counts (1 4 16 1 in odd
+    rounds, 16 4 1 16 in even ones; for seq that sequence three times)."""
+    if "rounds" in d:
+        return {tuple(k.split("/", 1)): {int(r): v for r, v in rr.items()} for k, rr in d["rounds"].items()}
+    n = d["parameters"]["rounds"]
+    out = {}
+    for key, v in d.get("samples", {}).items():
+        case, metric = key.split("/", 1)
+        if case in ("n1", "n16") and metric in ("rand_iops", "seq_mibs"):
+            times = 1 if metric == "rand_iops" else 3
+            per = [times * (2 if (r % 2 == 1) == (case == "n1") else 1) for r in range(1, n + 1)]
+        elif len(v) % n == 0:
+            per = [len(v) // n] * n
+        else:
+            continue  # measured in some rounds only (RSS, memory)
+        if sum(per) != len(v):
+            continue
+        rounds, i = {}, 0
+        for r, k in enumerate(per, 1):
+            rounds[r], i = v[i:i + k], i + k
+        out[(case, metric)] = rounds
+    return out
+
+
+def ratios_of(rounds, case, base, metric):
+    a, b = rounds.get((case, metric), {}), rounds.get((base, metric), {})
+    return [statistics.median(a[r]) / statistics.median(b[r]) for r in sorted(a) if r in b and statistics.median(b[r])]
+
+
+def repeat_ratios(rounds, case, metric):
+    """The same server measured twice in one round (nsnap's count measured
+    first and again last): last / first, an A/A ratio 3 runs apart."""
+    out = []
+    for v in rounds.get((case, metric), {}).values():
+        seqs = 1 if metric == "rand_iops" else 3
+        if len(v) == 2 * seqs:
+            out += [v[2 * k + 1] / v[2 * k] for k in range(seqs)]
+    return out
+
+
+def misses(value, op, want):
+    return not {">=": value >= want, ">": value > want, "<=": value <= want}[op]
+
+
+def p_run_misses(pool, n, op, want, rng, trials):
+    """Chance that one run of n rounds misses: the median of n per-round
+    ratios drawn (with replacement) from the pooled ones."""
+    return sum(misses(statistics.median(rng.choices(pool, k=n)), op, want) for _ in range(trials)) / trials
+
+
+def pooled_ci(pool, rng, trials):
+    """95% bootstrap interval of the median of the pooled per-round ratios."""
+    meds = sorted(statistics.median(rng.choices(pool, k=len(pool))) for _ in range(trials))
+    return meds[int(0.025 * trials)], meds[int(0.975 * trials) - 1]
+
+
+def cmd_pool(args):
+    """The ratio targets over several runs: each run's measured value, the
+    per-round ratios of all runs pooled (median, 95% interval), and how often
+    a run of as many rounds misses, drawn from that pool; then the same for
+    A/A pairs (identical servers, or one server twice in a round), whose true
+    ratio is 1: how often noise alone misses a threshold."""
+    rng = random.Random(args.seed)
+    runs = []
+    for path in args.json:
+        d = json.load(open(path))
+        label = d.get("run") or os.path.splitext(os.path.basename(path))[0].replace("bench-", "")
+        runs.append((label, d, run_rounds(d)))
+    n = statistics.median(d["parameters"]["rounds"] for _, d, _ in runs)
+    n = int(n)
+    out = {"runs": [{"run": lab, "git": d["machine"].get("git"), "plugin_sha256_prefix": d["parameters"].get("plugin_sha256_prefix"),
+                     "rounds": d["parameters"]["rounds"]} for lab, d, _ in runs], "rounds_per_run": n, "targets": [], "aa": []}
+    short = all(len(lab) <= 5 for lab, _, _ in runs)
+    cols = [lab if short else str(i + 1) for i, (lab, _, _) in enumerate(runs)]
+    print(f"{len(runs)} runs: " + ", ".join(
+        f"{lab} (git {d['machine'].get('git')}, plugin {d['parameters'].get('plugin_sha256_prefix', '?')[:8]})"
+        if short else f"{i + 1}={lab}" for i, (lab, d, _) in enumerate(runs)))
+    print(f"pooled: the per-round ratios of all runs; P(miss): chance that one run of {n} rounds misses "
+          f"(its median drawn from the pool, {args.trials} draws)")
+    print()
+    hdr = (f"{'target':<46} {'want':>7} " + " ".join(f"{c:>5}" for c in cols)
+           + f" {'pooled':>7} {'95% interval':>13} {'P(miss)':>7} {'missed':>7}")
+    print(hdr)
+    bad_rounds = []  # the rounds do not give what the run reported: wrong layout
+    for name, case, base, metric, op, want in RATIO_TARGETS:
+        cells, pool, missed, counted = [], [], 0, 0
+        for lab, d, rounds in runs:
+            t = next((t for t in d.get("targets", []) if t["target"] == name), None)
+            rr = t.get("round_ratios") if t and "round_ratios" in t else ratios_of(rounds, case, base, metric)
+            if t and t.get("measured") is not None and rr and abs(statistics.median(rr) - t["measured"]) > 1e-9:
+                bad_rounds.append(f"{lab}: {name}: the rounds give {statistics.median(rr):.6f}, "
+                                  f"the run measured {t['measured']:.6f}")
+            v = t["measured"] if t and t.get("measured") is not None else (statistics.median(rr) if rr else None)
+            if v is None:
+                cells.append(f"{'-':>5}")
+                continue
+            bad = misses(v, op, want)
+            missed += bad
+            counted += 1
+            pool += rr
+            cells.append(f"{v:4.2f}{'!' if bad else ' '}")
+        if not pool:
+            continue
+        lo, hi = pooled_ci(pool, rng, args.trials)
+        pm = p_run_misses(pool, n, op, want, rng, args.trials)
+        med = statistics.median(pool)
+        print(f"{name:<46} {op + f'{want:.2f}':>7} " + " ".join(cells)
+              + f" {med:6.3f}x {lo:5.3f}-{hi:5.3f}x {pm:7.3f} {missed:>3}/{counted:<3}")
+        out["targets"].append({"target": name, "op": op, "threshold": want, "measured": [c.strip() for c in cells],
+                               "pooled_rounds": len(pool), "pooled_median": med, "pooled_ci95": [lo, hi],
+                               "p_run_misses": pm, "runs_missed": missed, "runs": counted})
+    print("(! = that run missed)")
+    # The rows as if independent: how often a run misses at least one.
+    p_all = 1.0
+    for t in out["targets"]:
+        p_all *= 1 - t["p_run_misses"]
+    runs_missing = sum(any(misses(t["measured"], t["op"], t["threshold"]) for t in d.get("targets", [])
+                           if t.get("unit") == "x" and t.get("measured") is not None
+                           and any(t["target"] == r[0] for r in RATIO_TARGETS)) for _, d, _ in runs)
+    print(f"a run of {n} rounds misses at least one ratio target: {1 - p_all:.2f} from the pool (rows taken as "
+          f"independent); {runs_missing} of {len(runs)} runs did")
+    out["p_run_misses_any"] = 1 - p_all
+    out["runs_missing_any"] = runs_missing
+    print()
+    print(f"A/A: pairs whose true ratio is 1; P(<x): chance that the median of {n} such ratios is below x")
+    print(f"  {'pair':<53} {'ratios':>6} {'median':>7} {'p10-p90':>11} {'P(<0.95)':>8} {'P(<0.90)':>8}")
+    pairs = [(f"nbdkit file a2) / a), {label}", metric, "aa") for label, metric in
+             (("4k randwrite", "rand_iops"), ("1M seqwrite", "seq_mibs"), ("4k randread", "rread_iops"),
+              ("nbdcopy read, 1 conn", "read_mibs"), ("nbdcopy read, 4 conn", "read4_mibs"))]
+    pairs += [(f"plugin, {c[1:]} snapshot{'s' if c != 'n1' else ''}, twice in a round, {label}", metric, c)
+              for label, metric in (("4k randwrite", "rand_iops"), ("1M seqwrite", "seq_mibs")) for c in ("n1", "n16")]
+    for label, metric, src in pairs:
+        pool, per_run = [], 0
+        for lab, d, rounds in runs:
+            if src == "aa":
+                a2, a = ("base2_read", "base_read") if metric.startswith("read") else ("base2", "base")
+                rr = ratios_of(rounds, a2, a, metric)
+            else:
+                rr = repeat_ratios(rounds, src, metric)
+            per_run += bool(rr)
+            pool += rr
+        if not pool:
+            continue
+        q = sorted(pool)
+        p95 = p_run_misses(pool, n, ">=", 0.95, rng, args.trials)
+        p90 = p_run_misses(pool, n, ">=", 0.90, rng, args.trials)
+        print(f"  {label:<53} {len(pool):>6} {statistics.median(pool):6.3f}x "
+              f"{q[len(q) // 10]:4.2f}-{q[(9 * len(q)) // 10]:4.2f} {p95:8.3f} {p90:8.3f}   ({per_run} runs)")
+        out["aa"].append({"pair": label, "ratios": len(pool), "runs": per_run, "median": statistics.median(pool),
+                          "p10": q[len(q) // 10], "p90": q[(9 * len(q)) // 10],
+                          "p_median_below_095": p95, "p_median_below_090": p90})
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=2)
+            f.write("\n")
+    if bad_rounds:
+        print("bench.py pool: these runs' rounds do not give the ratios they reported "
+              "(their samples are not in the layout run_rounds expects):\n  " + "\n  ".join(bad_rounds), file=sys.stderr)
+        return 1
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -863,8 +1053,14 @@ def main():
     for k in ("size", "chunk", "rounds", "runtime", "quick", "seconds", "waited"):
         a.add_argument("--" + k, type=int, required=True)
     a.set_defaults(fn=cmd_report)
+    a = sub.add_parser("pool", help="the ratio targets over several runs (JSON files of run.sh)")
+    a.add_argument("json", nargs="+")
+    a.add_argument("--out", help="also write the result as JSON")
+    a.add_argument("--trials", type=int, default=10000, help="bootstrap draws")
+    a.add_argument("--seed", type=int, default=1)
+    a.set_defaults(fn=cmd_pool)
     args = ap.parse_args()
-    args.fn(args)
+    return args.fn(args)
 
 
 if __name__ == "__main__":
