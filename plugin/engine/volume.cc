@@ -274,14 +274,6 @@ void Volume::stamp(uint64_t offset, uint64_t length, uint32_t seq, const Chain* 
   }
 }
 
-Volume::Hit Volume::resolve(const Chain& chain, size_t from, ChunkIndex c) {
-  for (size_t i = from; i < chain.size(); ++i) {
-    auto slot = chain[i]->chunks.find(to_u32(c));
-    if (slot) return Hit{chain[i].get(), *slot};
-  }
-  return Hit{};
-}
-
 size_t Volume::copy_target(const Chain& chain) {
   // The newest part that is live and healthy.
   size_t t = chain.size();
@@ -295,27 +287,88 @@ size_t Volume::copies_needed(uint64_t offset, uint64_t length, const Chain& chai
   if (t == 0) return 0;
   size_t n = 0;
   geometry_.for_each_chunk_piece(offset, length, [&](const Piece& p) {
-    ChunkIndex c{static_cast<uint32_t>(p.unit)};
-    if (!resolve(chain, t - 1, c).part && !staged_for(c, chain[t - 1].get())) ++n;
+    // Without the chunk lock: an estimate of the entries to reserve; preserve
+    // decides under the lock and waits for more if it needs them.
+    if (!find_copy(chain, t - 1, chain.size(), ChunkIndex(static_cast<uint32_t>(p.unit)), false).part) ++n;
     return true;
   });
   return n;
 }
 
-bool Volume::staged_for(ChunkIndex c, const SnapshotPart* part) {
+Volume::Hit Volume::find_copy(const Chain& chain, size_t from, size_t to, ChunkIndex c, bool pin) {
   StagedShard& sh = staged_[to_u32(c) % kStagedShards];
-  std::lock_guard lk(sh.mu);
-  auto it = sh.parts.find(to_u32(c));
-  return it != sh.parts.end() && it->second == part;
+  std::unique_lock lk(sh.mu);
+  auto copies = sh.copies.equal_range(to_u32(c));
+  if (copies.first == copies.second) {
+    // None staged: the tables alone. A copy staged from now on goes to a
+    // target from which on no part holds the chunk (checked under its
+    // exclusive lock), so this walk finds no hit there either, and a copy
+    // that moves or leaves for a table was staged before this check.
+    lk.unlock();
+    for (size_t i = from; i < to; ++i)
+      if (auto slot = chain[i]->chunks.find(to_u32(c))) return Hit{chain[i].get(), *slot};
+    return Hit{};
+  }
+  // Held across the walk: a staged copy moves to an older part or leaves for
+  // its part's table under it, so the walk sees each copy exactly once.
+  for (size_t i = from; i < to; ++i) {
+    const SnapshotPart* part = chain[i].get();
+    if (auto slot = part->chunks.find(to_u32(c))) return Hit{part, *slot};
+    for (auto it = copies.first; it != copies.second; ++it) {
+      if (it->second.part != part) continue;
+      if (pin) ++it->second.readers;
+      return Hit{part, 0, true, it->second.entry};
+    }
+  }
+  return Hit{};
 }
 
-void Volume::set_staged(ChunkIndex c, const SnapshotPart* part) {
+void Volume::add_staged(ChunkIndex c, const SnapshotPart* part, uint32_t entry) {
   StagedShard& sh = staged_[to_u32(c) % kStagedShards];
   std::lock_guard lk(sh.mu);
-  if (part)
-    sh.parts[to_u32(c)] = part;
-  else
-    sh.parts.erase(to_u32(c));
+  sh.copies.emplace(to_u32(c), StagedCopy{part, entry});
+}
+
+namespace {
+template <typename Map>
+typename Map::iterator staged_copy(Map& copies, uint32_t c, uint32_t entry) {
+  auto range = copies.equal_range(c);
+  for (auto it = range.first; it != range.second; ++it)
+    if (it->second.entry == entry) return it;
+  return copies.end();
+}
+}  // namespace
+
+void Volume::move_staged(ChunkIndex c, uint32_t entry, const SnapshotPart* part) {
+  StagedShard& sh = staged_[to_u32(c) % kStagedShards];
+  std::lock_guard lk(sh.mu);
+  auto it = staged_copy(sh.copies, to_u32(c), entry);
+  if (it != sh.copies.end()) it->second.part = part;
+}
+
+void Volume::unstage(ChunkIndex c, uint32_t entry) {
+  StagedShard& sh = staged_[to_u32(c) % kStagedShards];
+  {
+    std::lock_guard lk(sh.mu);
+    auto it = staged_copy(sh.copies, to_u32(c), entry);
+    if (it != sh.copies.end() && it->second.readers > 0) {
+      it->second.part = nullptr;  // the last reader gives the entry back
+      return;
+    }
+    if (it != sh.copies.end()) sh.copies.erase(it);
+  }
+  store_->release(entry);
+}
+
+void Volume::unpin(ChunkIndex c, uint32_t entry) {
+  StagedShard& sh = staged_[to_u32(c) % kStagedShards];
+  {
+    std::lock_guard lk(sh.mu);
+    auto it = staged_copy(sh.copies, to_u32(c), entry);
+    if (it == sh.copies.end() || --it->second.readers > 0 || it->second.part) return;
+    sh.copies.erase(it);
+  }
+  store_->release(entry);
 }
 
 struct Volume::Staged {
@@ -333,10 +386,9 @@ Status Volume::preserve(ChunkIndex c, const std::shared_ptr<const Chain>& chain_
     size_t t = copy_target(chain);
     if (t == 0) return Status::ok();
     SnapshotPart& target = *chain[t - 1];
-    // Preserved for the target if it or a newer part holds the chunk, or its
-    // copy for the target is staged (the old data is safe: no need to wait
-    // for the slot).
-    if (resolve(chain, t - 1, c).part || staged_for(c, &target)) return Status::ok();
+    // Preserved for the target if it or a newer part holds a copy, stored or
+    // staged (the old data is safe: no need to wait for the slot).
+    if (find_copy(chain, t - 1, chain.size(), c, false).part) return Status::ok();
     // More copies than the request reserved (a request over more chunks than
     // the staging area holds): wait here, holding no unused entry.
     if (entries->empty()) store_->reserve(1, entries);
@@ -345,7 +397,7 @@ Status Volume::preserve(ChunkIndex c, const std::shared_ptr<const Chain>& chain_
       locks_.unlock(c);
       continue;
     }
-    if (resolve(chain, t - 1, c).part) {
+    if (find_copy(chain, t - 1, chain.size(), c, false).part) {
       locks_.unlock(c);
       return Status::ok();
     }
@@ -377,10 +429,11 @@ Status Volume::preserve(ChunkIndex c, const std::shared_ptr<const Chain>& chain_
         st = target.log.append(LogRecord{LogType::kStaged, to_u32(c), *a, len, entry});
         if (st) {
           entries->pop_back();
-          set_staged(c, &target);
+          add_staged(c, &target, entry);  // before the unlock: readers find it from now on
           auto job = std::make_shared<Staged>(Staged{chain_ref, t - 1, c, *a, entry, len});
           store_->submit([this, job] { store(*job); });
-          return Status::ok();  // the job holds the chunk lock and the entry now
+          locks_.unlock(c);
+          return Status::ok();  // the job owns the entry now
         }
       } else {
         st = a.status();
@@ -416,6 +469,7 @@ void Volume::store(Staged& job) {
     if (st) break;  // in the table before it leaves the staged map: no gap
     std::string what = "store chunk " + std::to_string(to_u32(job.c));
     (void)part.snapshot->corrupt(name_, st.with_context(what));
+    const size_t failed = at;
     // The origin already holds the new data: the copy goes to the next older
     // snapshot that needs it, from the same staged bytes. Staged there
     // before this part's record is closed: a crash in between finds the copy
@@ -426,7 +480,11 @@ void Volume::store(Staged& job) {
       SnapshotPart& older = *chain[at];
       Snapshot& snap = *older.snapshot;
       if (older.hidden.load(std::memory_order_relaxed) || !snap.healthy()) continue;
-      if (resolve(chain, at, job.c).part) break;  // it reads the copy of a newer part
+      // It or a part between it and the failed one holds a copy: it reads
+      // that. (Up to the failed part, whose own staged copy is this one.
+      // Without the chunk lock: while this copy is listed for the failed
+      // part, no writer copies the chunk for an older one.)
+      if (find_copy(chain, at, failed, job.c, false).part) break;
       auto a = snap.storage().allocate(job.length);
       Status s2 = a.status();
       if (a) {
@@ -436,7 +494,7 @@ void Volume::store(Staged& job) {
       if (s2) {
         slot = *a;
         next = true;
-        set_staged(job.c, &older);
+        move_staged(job.c, job.entry, &older);
       } else if (snap.corrupt(name_, s2.with_context(what))) {
         (void)older.log.append(LogRecord{LogType::kCorrupted, 0, static_cast<uint32_t>(s2.code()), 0});
       }
@@ -445,9 +503,7 @@ void Volume::store(Staged& job) {
     (void)part.log.append(LogRecord{LogType::kCorrupted, 0, static_cast<uint32_t>(st.code()), 0});
     if (!next) break;
   }
-  set_staged(job.c, nullptr);
-  locks_.unlock(job.c);
-  store_->release(job.entry);
+  unstage(job.c, job.entry);
 }
 
 Status Volume::restore_staged(SnapshotPart& part, ChunkIndex c, SlotAddress slot, uint32_t entry, uint32_t length) {
@@ -484,26 +540,50 @@ Status Volume::readable(const SnapshotPart& part) const {
 
 Status Volume::read_piece(const SnapshotPart& part, const Piece& p, char* buf) {
   ChunkIndex c{static_cast<uint32_t>(p.unit)};
-  auto read_hit = [&](const Hit& h) -> Status {
-    if (h.slot == kZeroSlot) {
+  auto read_slot = [&](const SnapshotPart& holder, SlotAddress slot) -> Status {
+    if (slot == kZeroSlot) {
       std::memset(buf, 0, p.length);
       return Status::ok();
     }
-    return h.part->snapshot->storage().read(h.slot, p.unit_offset, buf, p.length);
+    return holder.snapshot->storage().read(slot, p.unit_offset, buf, p.length);
   };
   std::shared_ptr<const Chain> chain = this->chain();
   size_t pos = position(*chain, &part);
   if (pos == chain->size()) return Status::error(EIO, "snapshot " + part.snapshot->label() + " was destroyed");
-  Hit h = resolve(*chain, pos, c);
-  if (h.part) return read_hit(h);
-  // Not copied: read the origin while no copy-before-write of this chunk can
-  // run, re-resolving with the current chain (a take may have added a part).
-  SharedChunkLock lock(locks_, c);
-  chain = this->chain();
+  // The part's own copy, once in its table, is final.
+  if (auto slot = part.chunks.find(to_u32(c))) return read_slot(part, *slot);
+  // The first part from this one on that holds a copy, stored or staged (a
+  // newer part's table alone is not enough: this part's copy may be staged
+  // while the newer part already stored a later one). A copy found is the
+  // answer without the chunk lock: a copy staged meanwhile goes to a target
+  // from which on no part held the chunk.
+  auto read_copy = [&](const Hit& h) -> Status {
+    if (!h.staged) return read_slot(*h.part, h.slot);  // a slot in a table does not change
+    std::memcpy(buf, store_->entry(h.entry) + p.unit_offset, p.length);
+    unpin(c, h.entry);
+    return Status::ok();
+  };
+  if (Hit h = find_copy(*chain, pos, chain->size(), c, true); h.part) return read_copy(h);
+  // None: read the origin while no copy of this chunk can be staged, after
+  // looking again with the current chain (a take may have added a part).
+  locks_.lock_shared(c);
+  struct Unlock {
+    ChunkLocks& l;
+    ChunkIndex c;
+    bool held = true;
+    void now() {
+      if (held) l.unlock_shared(c);
+      held = false;
+    }
+    ~Unlock() { now(); }
+  } unlock{locks_, c};
+  chain = this->chain();  // a take may have added a part
   pos = position(*chain, &part);
   if (pos == chain->size()) return Status::error(EIO, "snapshot " + part.snapshot->label() + " was destroyed");
-  h = resolve(*chain, pos, c);
-  if (h.part) return read_hit(h);
+  if (Hit h = find_copy(*chain, pos, chain->size(), c, true); h.part) {
+    unlock.now();
+    return read_copy(h);
+  }
   return pread_all(fd_, buf, p.length, p.offset, "read origin");
 }
 
@@ -529,11 +609,11 @@ Status Volume::snapshot_extents(const SnapshotPart& part, uint64_t length, uint6
   if (!st) return st.with_context("extents");
   // The origin's allocation over the whole range first: one SEEK_DATA /
   // SEEK_HOLE walk instead of one per chunk (a 1 GiB read asked for 4096).
-  // It is used for the chunks that no table from this part on holds when
-  // checked below, under the chunk's shared lock: the origin of such a chunk
-  // has not changed since the take (a change is preceded by the copy, and the
-  // copy is in a table before the origin is written), so this walk, made
-  // after the take, shows it as of the take.
+  // It is used for the chunks of which no part from this one on holds a
+  // copy, stored or staged, when checked below under the chunk's shared lock:
+  // the origin of such a chunk has not changed since the take (a change is
+  // preceded by the copy, staged before the origin is written), so this walk,
+  // made after the take, shows it as of the take.
   std::vector<Extent> origin;
   st = origin_extents(length, offset, &origin);
   if (!st) return st;
@@ -547,9 +627,9 @@ Status Volume::snapshot_extents(const SnapshotPart& part, uint64_t length, uint6
       st = Status::error(EIO, "extents: snapshot was destroyed");
       return false;
     }
-    Hit h = resolve(*chain, pos, c);
+    Hit h = find_copy(*chain, pos, chain->size(), c, false);
     if (h.part) {
-      out->push_back(Extent{p.offset, p.length, h.slot == kZeroSlot});
+      out->push_back(Extent{p.offset, p.length, !h.staged && h.slot == kZeroSlot});
       return true;
     }
     uint64_t end = p.offset + p.length;

@@ -4,21 +4,27 @@
 //
 // The chain lists the SnapshotParts on this volume, oldest first. Copies go
 // only to the newest live, healthy part (O(1) write cost); a part resolves a
-// chunk through its own table, then the newer parts' tables, then the origin.
+// chunk through its own copy (in its table or staged), then the newer parts'
+// copies, then the origin.
 // The chain changes only with the write gate closed (take, destroy), so
 // writers read it without a lock; snapshot readers take a reference to it.
 //
 // Copies are stored asynchronously (DESIGN 4.1, blksnap's store queue): a
 // first write reads the old chunk into a staging entry, logs it as staged and
-// goes on; a storer thread writes the slot, logs it as stored and only then
-// puts it in the table and releases the chunk, which the copy holds exclusively
-// until then (so snapshot reads of it wait for the slot). A write waits for a
-// free staging entry before it enters the gate, never inside it: a take does
-// not wait for the disk. A copy whose target fails goes to the next older
-// snapshot instead, from the same staged bytes.
+// goes on; a storer thread writes the slot, logs it as stored, puts it in the
+// table and only then takes the staged copy out. The chunk lock is held only
+// while the copy is read and staged: a snapshot read of a chunk whose copy is
+// staged copies the staging entry (pinned while it does), and a write for a
+// newer snapshot copies the chunk again without waiting for the older copy's
+// slot write. A write waits for a free staging entry before it enters the
+// gate, not inside it (except a request that needs more copies than the
+// staging area holds): a take waits for no slot write. A copy whose target
+// fails goes to the next older snapshot that needs it instead, from the same
+// staged bytes, or is dropped if none does.
 //
-// Locking order: write gate (shared) -> one chunk lock at a time. Snapshot
-// readers take only chunk locks. All I/O methods are safe for concurrent use;
+// Locking order: write gate (shared) -> one chunk lock at a time -> a staged
+// shard's mutex -> a table's shard mutex. Snapshot readers take only chunk
+// locks and what follows them. All I/O methods are safe for concurrent use;
 // chain methods are for the engine, which serializes them.
 #pragma once
 
@@ -129,20 +135,30 @@ class Volume {
   Status modify(uint64_t offset, uint64_t length, const char* op, Apply&& apply);
   void stamp(uint64_t offset, uint64_t length, uint32_t seq, const Chain* chain, Status* log_error);
   struct Staged;
-  // Copies staged and not stored yet: chunk -> the part they go to. A write
-  // to such a chunk needs no copy for that part and does not wait for it.
-  bool staged_for(ChunkIndex c, const SnapshotPart* part);
-  void set_staged(ChunkIndex c, const SnapshotPart* part);  // null: stored or dropped
+  struct Hit {
+    const SnapshotPart* part = nullptr;  // null: no part holds a copy
+    SlotAddress slot = 0;                // in part's table, unless staged
+    bool staged = false;                 // the copy is in staging entry `entry`
+    uint32_t entry = 0;
+  };
+  // The first of chain[from, to) that holds a copy of c: in its table, or
+  // staged for it (a staged copy ends in that part's table, or falls back to
+  // an older part that needs it). A copy found stays valid for every part
+  // from `from` on; "none" is final only under c's chunk lock (shared or
+  // exclusive), which keeps copies of c from being staged. pin: a staged
+  // copy found stays in its entry until unpin().
+  Hit find_copy(const Chain& chain, size_t from, size_t to, ChunkIndex c, bool pin);
+  void add_staged(ChunkIndex c, const SnapshotPart* part, uint32_t entry);
+  void move_staged(ChunkIndex c, uint32_t entry, const SnapshotPart* part);  // falls back to part
+  // The copy is stored (or dropped): gone from find_copy; its entry goes
+  // back to the store queue now, or with the last reader's unpin().
+  void unstage(ChunkIndex c, uint32_t entry);
+  void unpin(ChunkIndex c, uint32_t entry);
   size_t copies_needed(uint64_t offset, uint64_t length, const Chain& chain);
   static size_t copy_target(const Chain& chain);  // 1 + index of the target, 0: none
   Status preserve(ChunkIndex c, const std::shared_ptr<const Chain>& chain, std::vector<uint32_t>* entries);
   void store(Staged& job);
   Status store_into(SnapshotPart& part, ChunkIndex c, SlotAddress slot, const char* data, uint32_t len);
-  struct Hit {
-    const SnapshotPart* part = nullptr;
-    SlotAddress slot = 0;
-  };
-  static Hit resolve(const Chain& chain, size_t from, ChunkIndex c);
   static size_t position(const Chain& chain, const SnapshotPart* part);
   Status readable(const SnapshotPart& part) const;
   Status usable(const char* op) const;
@@ -172,9 +188,16 @@ class Volume {
   // under the gate, readers copy it under chain_mu_.
   std::shared_ptr<const Chain> chain_;
   mutable std::mutex chain_mu_;
+  // Staged copies by chunk: usually one, two or more when a chunk is copied
+  // again for a newer snapshot before its older copy is stored.
+  struct StagedCopy {
+    const SnapshotPart* part;  // where it goes; null: stored, pinned by readers
+    uint32_t entry;
+    uint32_t readers = 0;  // snapshot readers copying from the entry
+  };
   struct alignas(64) StagedShard {
     std::mutex mu;
-    std::unordered_map<uint32_t, const SnapshotPart*> parts;
+    std::unordered_multimap<uint32_t, StagedCopy> copies;
   };
   static constexpr size_t kStagedShards = 64;
   std::unique_ptr<StagedShard[]> staged_{new StagedShard[kStagedShards]};

@@ -340,19 +340,150 @@ TEST(VolumeStoring, WritesReturnBeforeTheirCopiesAreStored) {
   EXPECT_EQ(test::must(h.engine().info("s1")).chunks_copied, 5u);
 }
 
-// A snapshot read of a chunk whose copy is staged waits for the slot: it
-// never reads the origin, which already holds the new data.
-TEST(VolumeStoring, ReadOfAChunkBeingStoredWaitsForItsCopy) {
+// Holds the volume's stores until release() or the end of its scope, which
+// comes before the harness's: a test that fails while they are held must
+// not hang in the engine's stop (it drains the stores).
+class HeldStores {
+ public:
+  explicit HeldStores(Harness& h) : h_(h) { h_.vol()->hold_stores_for_test(true); }
+  ~HeldStores() { release(); }
+  HeldStores(const HeldStores&) = delete;
+  HeldStores& operator=(const HeldStores&) = delete;
+  void release() {
+    if (held_) h_.vol()->hold_stores_for_test(false);
+    held_ = false;
+  }
+
+ private:
+  Harness& h_;
+  bool held_ = true;
+};
+
+// Runs f while the stores are held and expects it to finish without them;
+// if it does not within 20 s, lets the stores go (so it can finish) and fails.
+template <typename F>
+auto without_the_stores(HeldStores& held, const char* what, F f) {
+  auto done = std::async(std::launch::async, f);
+  bool ready = done.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+  if (!ready) held.release();
+  EXPECT_TRUE(ready) << what << " waited for the held stores";
+  return done.get();
+}
+
+// A snapshot read of a chunk whose copy is staged reads the staging entry:
+// it never reads the origin, which already holds the new data, and does not
+// wait for the slot. Extents show the staged chunk as data even where the
+// origin is a hole now. The entries all come back afterwards.
+TEST(VolumeStoring, ReadOfAChunkBeingStoredIsServedFromItsStagedCopy) {
   Harness h;
   auto before = fill(h, 1);
   h.snapshot("s1");
-  h.vol()->hold_stores_for_test(true);
-  EXPECT_OK(h.write(7 * kChunk, pattern(kChunk, 2)));
-  auto reader = std::async(std::launch::async, [&] { return h.snap_read("s1", 7 * kChunk, kChunk); });
-  EXPECT_EQ(reader.wait_for(std::chrono::milliseconds(200)), std::future_status::timeout)
-      << "the read did not wait for the staged copy";
-  h.vol()->hold_stores_for_test(false);
-  EXPECT_EQ(reader.get(), std::vector<char>(before.begin() + 7 * kChunk, before.begin() + 8 * kChunk));
+  auto s1 = test::must(h.engine().open_export("vol@s1"));
+  {
+    HeldStores held(h);
+    EXPECT_OK(h.write(7 * kChunk, pattern(kChunk, 2)));
+    EXPECT_OK(h.vol()->trim(kChunk, 2 * kChunk, false));  // the origin's chunk 2 becomes a hole
+    auto chunk = [&](uint64_t i) { return std::vector<char>(before.begin() + i * kChunk, before.begin() + (i + 1) * kChunk); };
+    // A piece inside the chunk (an offset into the entry) and whole chunks.
+    EXPECT_EQ(without_the_stores(held, "a read", [&] { return h.snap_read("s1", 7 * kChunk + 4 * kKiB, 8 * kKiB); }),
+              std::vector<char>(before.begin() + 7 * kChunk + 4 * kKiB, before.begin() + 7 * kChunk + 12 * kKiB));
+    EXPECT_EQ(without_the_stores(held, "a read", [&] { return h.snap_read("s1", 6 * kChunk, kChunk); }), chunk(6));
+    EXPECT_EQ(without_the_stores(held, "a read", [&] { return h.snap_read("s1", 7 * kChunk, kChunk); }), chunk(7));
+    EXPECT_EQ(without_the_stores(held, "a read", [&] { return h.snap_read("s1", 2 * kChunk, kChunk); }), chunk(2));
+    std::vector<Extent> ext;
+    ASSERT_OK(without_the_stores(held, "extents", [&] { return h.vol()->snapshot_extents(*s1.part, kChunk, 2 * kChunk, &ext); }));
+    ASSERT_EQ(ext.size(), 1u);
+    EXPECT_FALSE(ext[0].hole) << "a staged copy is data, whatever the origin is now";
+  }
+  h.vol()->drain_stores();
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), before);
+  // Every staging entry is free again: a snapshot whose first writes need
+  // them all gets them with the stores held.
+  h.snapshot("s2");
+  const uint64_t n = test::small_params().chunk_maximum_in_queue;
+  HeldStores held(h);
+  ASSERT_OK(without_the_stores(held, "a write needing every staging entry",
+                               [&] { return h.write(8 * kChunk, pattern(n * kChunk, 3)); }));
+}
+
+// A write to a chunk whose copy for the previous snapshot is still being
+// stored copies it again for the new one without waiting for that store
+// (it used to wait on the chunk lock inside the gate, where a take waits for
+// it); both snapshots read their own data, staged and then stored.
+TEST(VolumeStoring, WriteForANewerSnapshotDoesNotWaitForTheOlderCopysStore) {
+  Harness h;
+  auto before = fill(h, 1);
+  h.snapshot("s1");
+  auto mid = pattern(kChunk, 2), late = pattern(kChunk, 3);
+  auto s1_chunk = std::vector<char>(before.begin() + 4 * kChunk, before.begin() + 5 * kChunk);
+  {
+    HeldStores held(h);
+    EXPECT_OK(h.write(4 * kChunk, mid));  // copy for s1 staged, not stored
+    without_the_stores(held, "take s2", [&] { return h.snapshot("s2"); });
+    ASSERT_OK(without_the_stores(held, "the write for s2", [&] { return h.write(4 * kChunk, late); }));
+    EXPECT_EQ(without_the_stores(held, "a read", [&] { return h.snap_read("s1", 4 * kChunk, kChunk); }), s1_chunk);
+    EXPECT_EQ(without_the_stores(held, "a read", [&] { return h.snap_read("s2", 4 * kChunk, kChunk); }), mid);
+    EXPECT_EQ(h.read(4 * kChunk, kChunk), late);
+  }
+  h.vol()->drain_stores();
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), before);
+  auto at_s2 = before;
+  put(at_s2, 4 * kChunk, mid);
+  EXPECT_EQ(h.snap_read("s2", 0, kVolumeSize), at_s2);
+  EXPECT_EQ(test::must(h.engine().info("s1")).chunks_copied, 1u);
+  EXPECT_EQ(test::must(h.engine().info("s2")).chunks_copied, 1u);
+}
+
+// s1's copy of a chunk is staged when s2 stores its own, later copy of it
+// (a zero chunk goes into s2's table at once): s1 still reads its staged
+// copy, not s2's through the chain.
+TEST(VolumeStoring, StagedCopyIsNotShadowedByANewerSnapshotsStoredCopy) {
+  Harness h;
+  auto before = fill(h, 1);
+  h.snapshot("s1");
+  auto s1_chunk = std::vector<char>(before.begin() + 3 * kChunk, before.begin() + 4 * kChunk);
+  {
+    HeldStores held(h);
+    EXPECT_OK(h.write(3 * kChunk, zeros(kChunk)));  // copy for s1 staged
+    without_the_stores(held, "take s2", [&] { return h.snapshot("s2"); });
+    // s2's copy: zeros, in its table at once.
+    ASSERT_OK(without_the_stores(held, "the write for s2", [&] { return h.write(3 * kChunk, pattern(kChunk, 3)); }));
+    EXPECT_EQ(without_the_stores(held, "a read", [&] { return h.snap_read("s1", 3 * kChunk, kChunk); }), s1_chunk);
+    EXPECT_EQ(without_the_stores(held, "a read", [&] { return h.snap_read("s2", 3 * kChunk, kChunk); }), zeros(kChunk));
+  }
+  h.vol()->drain_stores();
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), before);
+  EXPECT_EQ(h.snap_read("s2", 3 * kChunk, kChunk), zeros(kChunk));
+}
+
+// s2's staged copy of a chunk fails to store: it goes to s1, which read the
+// chunk through s2, from the same staged bytes (the walk for an older part
+// that needs it stops at the failed part, whose own staged copy it is);
+// s3, taken meanwhile, holds its own copy.
+TEST(VolumeStoring, FailedStoreOfAStagedCopyFallsBackToTheOlderSnapshot) {
+  int made = 0;
+  Harness::Options o;
+  o.storage_factory = [&made]() -> std::unique_ptr<DiffStorage> {
+    if (made++ == 1) return make_faulty_storage(make_memory_storage(), FaultPlan{0, EIO, false, false});  // s2
+    return make_memory_storage();
+  };
+  Harness h(o);
+  auto before = fill(h, 1);
+  h.snapshot("s1");
+  h.snapshot("s2");  // s1 reads the chunk through s2
+  {
+    HeldStores held(h);
+    EXPECT_OK(h.write(3 * kChunk, zeros(kChunk)));  // copy for s2 staged
+    without_the_stores(held, "take s3", [&] { return h.snapshot("s3"); });
+    ASSERT_OK(without_the_stores(held, "the write for s3", [&] { return h.write(3 * kChunk, pattern(kChunk, 3)); }));
+  }  // s2's store fails now
+  h.vol()->drain_stores();
+  EXPECT_EQ(test::must(h.engine().info("s2")).state, SnapshotState::kCorrupted);
+  EXPECT_EQ(test::must(h.engine().info("s1")).chunks_copied, 1u) << "the copy fell back to s1";
+  EXPECT_EQ(h.snap_read("s1", 0, kVolumeSize), before);
+  EXPECT_EQ(h.snap_read("s3", 3 * kChunk, kChunk), zeros(kChunk));
+  std::vector<char> out;
+  EXPECT_ERRNO(h.read_snapshot("s2", 0, kChunk, &out), EIO);
 }
 
 // A second write to a chunk whose copy is staged needs no copy: it does not
