@@ -941,10 +941,14 @@ def cmd_pool(args):
         cells, pool, missed, counted = [], [], 0, 0
         for lab, d, rounds in runs:
             t = next((t for t in d.get("targets", []) if t["target"] == name), None)
-            rr = t.get("round_ratios") if t and "round_ratios" in t else ratios_of(rounds, case, base, metric)
+            rr = ratios_of(rounds, case, base, metric) or (t or {}).get("round_ratios") or []
             if t and t.get("measured") is not None and rr and abs(statistics.median(rr) - t["measured"]) > 1e-9:
                 bad_rounds.append(f"{lab}: {name}: the rounds give {statistics.median(rr):.6f}, "
                                   f"the run measured {t['measured']:.6f}")
+            elif t and t.get("round_ratios") and any(abs(a - b) > 1e-9 for a, b in zip(rr, t["round_ratios"])):
+                bad_rounds.append(f"{lab}: {name}: the rounds do not give the run's round_ratios")
+            elif t and t.get("measured") is not None and not rr:
+                bad_rounds.append(f"{lab}: {name}: no per-round figures (samples not in the harness's layout)")
             v = t["measured"] if t and t.get("measured") is not None else (statistics.median(rr) if rr else None)
             if v is None:
                 cells.append(f"{'-':>5}")
