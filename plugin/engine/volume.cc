@@ -296,7 +296,11 @@ size_t Volume::copies_needed(uint64_t offset, uint64_t length, const Chain& chai
 }
 
 Volume::Hit Volume::find_copy(const Chain& chain, size_t from, size_t to, ChunkIndex c, bool pin) {
-  StagedShard& sh = staged_[to_u32(c) % kStagedShards];
+  if (from >= to) return Hit{};
+  // The first part's table comes first in the walk and never loses an
+  // entry: a hit there needs no lock (most writes to a copied chunk).
+  if (auto slot = chain[from]->chunks.find(to_u32(c))) return Hit{chain[from].get(), *slot};
+  StagedShard& sh = staged_shard(c);
   std::unique_lock lk(sh.mu);
   auto copies = sh.copies.equal_range(to_u32(c));
   if (copies.first == copies.second) {
@@ -324,7 +328,7 @@ Volume::Hit Volume::find_copy(const Chain& chain, size_t from, size_t to, ChunkI
 }
 
 void Volume::add_staged(ChunkIndex c, const SnapshotPart* part, uint32_t entry) {
-  StagedShard& sh = staged_[to_u32(c) % kStagedShards];
+  StagedShard& sh = staged_shard(c);
   std::lock_guard lk(sh.mu);
   sh.copies.emplace(to_u32(c), StagedCopy{part, entry});
 }
@@ -340,14 +344,14 @@ typename Map::iterator staged_copy(Map& copies, uint32_t c, uint32_t entry) {
 }  // namespace
 
 void Volume::move_staged(ChunkIndex c, uint32_t entry, const SnapshotPart* part) {
-  StagedShard& sh = staged_[to_u32(c) % kStagedShards];
+  StagedShard& sh = staged_shard(c);
   std::lock_guard lk(sh.mu);
   auto it = staged_copy(sh.copies, to_u32(c), entry);
   if (it != sh.copies.end()) it->second.part = part;
 }
 
 void Volume::unstage(ChunkIndex c, uint32_t entry) {
-  StagedShard& sh = staged_[to_u32(c) % kStagedShards];
+  StagedShard& sh = staged_shard(c);
   {
     std::lock_guard lk(sh.mu);
     auto it = staged_copy(sh.copies, to_u32(c), entry);
@@ -361,7 +365,7 @@ void Volume::unstage(ChunkIndex c, uint32_t entry) {
 }
 
 void Volume::unpin(ChunkIndex c, uint32_t entry) {
-  StagedShard& sh = staged_[to_u32(c) % kStagedShards];
+  StagedShard& sh = staged_shard(c);
   {
     std::lock_guard lk(sh.mu);
     auto it = staged_copy(sh.copies, to_u32(c), entry);
@@ -550,41 +554,26 @@ Status Volume::read_piece(const SnapshotPart& part, const Piece& p, char* buf) {
   std::shared_ptr<const Chain> chain = this->chain();
   size_t pos = position(*chain, &part);
   if (pos == chain->size()) return Status::error(EIO, "snapshot " + part.snapshot->label() + " was destroyed");
-  // The part's own copy, once in its table, is final.
-  if (auto slot = part.chunks.find(to_u32(c))) return read_slot(part, *slot);
   // The first part from this one on that holds a copy, stored or staged (a
   // newer part's table alone is not enough: this part's copy may be staged
   // while the newer part already stored a later one). A copy found is the
   // answer without the chunk lock: a copy staged meanwhile goes to a target
   // from which on no part held the chunk.
-  auto read_copy = [&](const Hit& h) -> Status {
-    if (!h.staged) return read_slot(*h.part, h.slot);  // a slot in a table does not change
-    std::memcpy(buf, store_->entry(h.entry) + p.unit_offset, p.length);
-    unpin(c, h.entry);
-    return Status::ok();
-  };
-  if (Hit h = find_copy(*chain, pos, chain->size(), c, true); h.part) return read_copy(h);
-  // None: read the origin while no copy of this chunk can be staged, after
-  // looking again with the current chain (a take may have added a part).
-  locks_.lock_shared(c);
-  struct Unlock {
-    ChunkLocks& l;
-    ChunkIndex c;
-    bool held = true;
-    void now() {
-      if (held) l.unlock_shared(c);
-      held = false;
-    }
-    ~Unlock() { now(); }
-  } unlock{locks_, c};
-  chain = this->chain();  // a take may have added a part
-  pos = position(*chain, &part);
-  if (pos == chain->size()) return Status::error(EIO, "snapshot " + part.snapshot->label() + " was destroyed");
-  if (Hit h = find_copy(*chain, pos, chain->size(), c, true); h.part) {
-    unlock.now();
-    return read_copy(h);
+  Hit h = find_copy(*chain, pos, chain->size(), c, true);
+  if (!h.part) {
+    // None: read the origin while no copy of this chunk can be staged, after
+    // looking again with the current chain (a take may have added a part).
+    SharedChunkLock lock(locks_, c);
+    chain = this->chain();
+    pos = position(*chain, &part);
+    if (pos == chain->size()) return Status::error(EIO, "snapshot " + part.snapshot->label() + " was destroyed");
+    h = find_copy(*chain, pos, chain->size(), c, true);
+    if (!h.part) return pread_all(fd_, buf, p.length, p.offset, "read origin");
   }
-  return pread_all(fd_, buf, p.length, p.offset, "read origin");
+  if (!h.staged) return read_slot(*h.part, h.slot);  // a slot in a table does not change
+  std::memcpy(buf, store_->entry(h.entry) + p.unit_offset, p.length);
+  unpin(c, h.entry);
+  return Status::ok();
 }
 
 Status Volume::read_snapshot(const SnapshotPart& part, void* buf, uint64_t length, uint64_t offset) {

@@ -201,6 +201,7 @@ class Volume {
   };
   static constexpr size_t kStagedShards = 64;
   std::unique_ptr<StagedShard[]> staged_{new StagedShard[kStagedShards]};
+  StagedShard& staged_shard(ChunkIndex c) { return staged_[to_u32(c) % kStagedShards]; }
   // Last: its storer threads run jobs that use the members above.
   std::unique_ptr<StoreQueue> store_;
 };
